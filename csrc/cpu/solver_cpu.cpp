@@ -1,0 +1,507 @@
+// C++ CPU kernels of dynalay: the grouped fixed-point solve (forward and adjoint map),
+// grouped linear map and grouped weight gradient.  Semantics: dynalay/backends/torch_ref.py.
+//
+// The solve keeps the rows that are still iterating packed at the front of its
+// buffers: each iteration is one GEMM on the active rows (MKL/oneDNN through at::addmm)
+// followed by one fused, multi-threaded pass that applies the map's elementwise part,
+// computes each row's relative residual, takes the Picard or Anderson step and freezes
+// the rows that met the tolerance.  Frozen rows are written out and compacted away, so
+// an iteration costs work proportional to the rows still active.  Deterministic: fixed
+// loop orders, no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define DYNALAY_X86 1
+#endif
+
+namespace dynalay {
+namespace {
+
+constexpr double kAndersonRestart = 2.0;  // keep in sync with torch_ref.ANDERSON_RESTART
+
+struct Cfg {
+  bool adjoint;
+  double tol;
+  int64_t max_iter;
+  bool anderson;
+  double damping;
+  int64_t m;
+  double lam;
+  double eps;
+};
+
+// Solve the m x m (or smaller) system A y = rhs in place by Gaussian elimination with
+// partial pivoting.  Returns false if a pivot is zero or not finite.
+bool small_solve(std::vector<double>& A, std::vector<double>& y, int n) {
+  for (int col = 0; col < n; ++col) {
+    int piv = col;
+    double best = std::abs(A[col * n + col]);
+    for (int r = col + 1; r < n; ++r) {
+      double v = std::abs(A[r * n + col]);
+      if (v > best) { best = v; piv = r; }
+    }
+    if (!(best > 0.0) || !std::isfinite(best)) return false;
+    if (piv != col) {
+      for (int j = 0; j < n; ++j) std::swap(A[col * n + j], A[piv * n + j]);
+      std::swap(y[col], y[piv]);
+    }
+    const double inv = 1.0 / A[col * n + col];
+    for (int r = col + 1; r < n; ++r) {
+      const double f = A[r * n + col] * inv;
+      if (f == 0.0) continue;
+      for (int j = col; j < n; ++j) A[r * n + j] -= f * A[col * n + j];
+      y[r] -= f * y[col];
+    }
+  }
+  for (int r = n - 1; r >= 0; --r) {
+    double s = y[r];
+    for (int j = r + 1; j < n; ++j) s -= A[r * n + j] * y[j];
+    y[r] = s / A[r * n + r];
+  }
+  return true;
+}
+
+// Squared norms of (f - z) and f over 16 independent lanes in the compute type (a single
+// accumulator chain is latency-bound and cost more than the GEMM epilogue); lanes are summed
+// in double.
+template <typename T>
+inline void row_norms(const T* __restrict f, const T* __restrict z, int64_t H, double& num, double& den) {
+  constexpr int kL = 16;
+  T a[kL] = {};
+  T b[kL] = {};
+  int64_t j = 0;
+  for (; j + kL <= H; j += kL) {
+#pragma GCC unroll 16
+    for (int q = 0; q < kL; ++q) {
+      const T fv = f[j + q];
+      const T g = fv - z[j + q];
+      a[q] += g * g;
+      b[q] += fv * fv;
+    }
+  }
+  for (int q = 0; j < H; ++j, ++q) {
+    const T fv = f[j];
+    const T g = fv - z[j];
+    a[q] += g * g;
+    b[q] += fv * fv;
+  }
+  num = 0.0;
+  den = 0.0;
+  for (int q = 0; q < kL; ++q) {
+    num += static_cast<double>(a[q]);
+    den += static_cast<double>(b[q]);
+  }
+}
+
+#ifdef DYNALAY_X86
+// AVX2/FMA version for float, chosen at run time (the extension is built for baseline x86-64).
+__attribute__((target("avx2,fma"))) void row_norms_avx2(const float* __restrict f, const float* __restrict z,
+                                                         int64_t H, double& num, double& den) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= H; j += 16) {
+    const __m256 f0 = _mm256_loadu_ps(f + j), f1 = _mm256_loadu_ps(f + j + 8);
+    const __m256 g0 = _mm256_sub_ps(f0, _mm256_loadu_ps(z + j));
+    const __m256 g1 = _mm256_sub_ps(f1, _mm256_loadu_ps(z + j + 8));
+    a0 = _mm256_fmadd_ps(g0, g0, a0);
+    a1 = _mm256_fmadd_ps(g1, g1, a1);
+    b0 = _mm256_fmadd_ps(f0, f0, b0);
+    b1 = _mm256_fmadd_ps(f1, f1, b1);
+  }
+  alignas(32) float ta[8], tb[8];
+  _mm256_store_ps(ta, _mm256_add_ps(a0, a1));
+  _mm256_store_ps(tb, _mm256_add_ps(b0, b1));
+  num = 0.0;
+  den = 0.0;
+  for (int q = 0; q < 8; ++q) {
+    num += ta[q];
+    den += tb[q];
+  }
+  for (; j < H; ++j) {
+    const float g = f[j] - z[j];
+    num += static_cast<double>(g) * g;
+    den += static_cast<double>(f[j]) * f[j];
+  }
+}
+
+const bool kHasAVX2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+template <>
+inline void row_norms<float>(const float* __restrict f, const float* __restrict z, int64_t H, double& num,
+                             double& den) {
+  if (kHasAVX2) {
+    row_norms_avx2(f, z, H, num, den);
+    return;
+  }
+  double a = 0.0, b = 0.0;
+  for (int64_t j = 0; j < H; ++j) {
+    const float g = f[j] - z[j];
+    a += static_cast<double>(g) * g;
+    b += static_cast<double>(f[j]) * f[j];
+  }
+  num = a;
+  den = b;
+}
+#endif
+
+// Dot product accumulated in double (float: AVX2 lanes when available).
+template <typename T>
+inline double dot(const T* __restrict a, const T* __restrict b, int64_t H) {
+  double s[4] = {0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 4 <= H; j += 4)
+    for (int q = 0; q < 4; ++q) s[q] += static_cast<double>(a[j + q]) * static_cast<double>(b[j + q]);
+  for (; j < H; ++j) s[0] += static_cast<double>(a[j]) * static_cast<double>(b[j]);
+  return (s[0] + s[2]) + (s[1] + s[3]);
+}
+
+#ifdef DYNALAY_X86
+__attribute__((target("avx2,fma"))) double dot_avx2(const float* __restrict a, const float* __restrict b,
+                                                     int64_t H) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= H; j += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_add_ps(s0, s1));
+  double s = 0.0;
+  for (int q = 0; q < 8; ++q) s += t[q];
+  for (; j < H; ++j) s += static_cast<double>(a[j]) * b[j];
+  return s;
+}
+
+template <>
+inline double dot<float>(const float* __restrict a, const float* __restrict b, int64_t H) {
+  if (kHasAVX2) return dot_avx2(a, b, H);
+  double s = 0.0;
+  for (int64_t j = 0; j < H; ++j) s += static_cast<double>(a[j]) * b[j];
+  return s;
+}
+#endif
+
+// Per-row Anderson state: history of residuals G and of X (m slots each, a ring), where X
+// holds the iterates x_j, or f(x_j) = x_j + g_j when damping is 1 (the mix then reads one
+// array instead of two: this step is memory-bound),
+// the Gram matrix of G (updated incrementally: one new row per step), the number of valid
+// (most recent) slots and the previous residual norm.
+template <typename T>
+struct AndersonState {
+  int64_t m = 0, H = 0;
+  std::vector<T> X, G;
+  std::vector<double> gram;
+  std::vector<int64_t> count;
+  std::vector<double> prev_gn;
+
+  void init(int64_t n, int64_t m_, int64_t H_) {
+    m = m_;
+    H = H_;
+    X.assign(static_cast<size_t>(n * m * H), T(0));
+    G.assign(static_cast<size_t>(n * m * H), T(0));
+    gram.assign(static_cast<size_t>(n * m * m), 0.0);
+    count.assign(n, 0);
+    prev_gn.assign(n, std::numeric_limits<double>::infinity());
+  }
+  void move_row(int64_t to, int64_t from) {
+    std::memcpy(X.data() + to * m * H, X.data() + from * m * H, sizeof(T) * m * H);
+    std::memcpy(G.data() + to * m * H, G.data() + from * m * H, sizeof(T) * m * H);
+    std::memcpy(gram.data() + to * m * m, gram.data() + from * m * m, sizeof(double) * m * m);
+    count[to] = count[from];
+    prev_gn[to] = prev_gn[from];
+  }
+
+  // Push (z, f - z) for row r at `slot`; if `mix`, write the mixed iterate into z and return
+  // true (false: the caller takes the plain step).  Scratch vectors are per thread.
+  bool step(int64_t r, int64_t slot, T* z, const T* f, double gn, bool mix, double lam, T damping, bool exact,
+            std::vector<double>& A, std::vector<double>& y, std::vector<int64_t>& sl) {
+    T* Xr = X.data() + r * m * H;
+    T* Gr = G.data() + r * m * H;
+    double* Gm = gram.data() + r * m * m;
+    if (gn > kAndersonRestart * prev_gn[r]) count[r] = 0;  // safeguard: residual blew up, restart
+    prev_gn[r] = gn;
+    T* xs = Xr + slot * H;
+    T* gs = Gr + slot * H;
+    if (exact) {
+      for (int64_t j = 0; j < H; ++j) {
+        xs[j] = f[j];
+        gs[j] = f[j] - z[j];
+      }
+    } else {
+      for (int64_t j = 0; j < H; ++j) {
+        xs[j] = z[j];
+        gs[j] = f[j] - z[j];
+      }
+    }
+    count[r] = std::min<int64_t>(count[r] + 1, m);
+    const int cnt = static_cast<int>(count[r]);
+    sl.resize(cnt);
+    for (int q = 0; q < cnt; ++q) sl[q] = ((slot - q) % m + m) % m;
+    for (int q = 0; q < cnt; ++q) {
+      const double v = dot(gs, Gr + sl[q] * H, H);
+      Gm[slot * m + sl[q]] = v;
+      Gm[sl[q] * m + slot] = v;
+    }
+    if (!mix) return false;
+    A.assign(static_cast<size_t>(cnt * cnt), 0.0);
+    double trace = 0.0;
+    for (int p = 0; p < cnt; ++p) {
+      for (int q = 0; q < cnt; ++q) A[p * cnt + q] = Gm[sl[p] * m + sl[q]];
+      trace += A[p * cnt + p];
+    }
+    const double reg = lam * trace / cnt + 1e-300;  // ridge relative to the residual scale
+    for (int p = 0; p < cnt; ++p) A[p * cnt + p] += reg;
+    y.assign(cnt, 1.0);
+    if (!small_solve(A, y, cnt)) return false;
+    double s = 0.0;
+    for (int p = 0; p < cnt; ++p) s += y[p];
+    if (!(s != 0.0) || !std::isfinite(s)) return false;
+    for (int p = 0; p < cnt; ++p) {
+      y[p] /= s;
+      if (!std::isfinite(y[p])) return false;
+    }
+    for (int64_t j = 0; j < H; ++j) z[j] = T(0);
+    for (int p = 0; p < cnt; ++p) {
+      const T a = static_cast<T>(y[p]);
+      const T* xp = Xr + sl[p] * H;
+      const T* gp = Gr + sl[p] * H;
+      if (exact) {
+        for (int64_t j = 0; j < H; ++j) z[j] += a * xp[j];
+      } else {
+        for (int64_t j = 0; j < H; ++j) z[j] += a * (xp[j] + damping * gp[j]);
+      }
+    }
+    return true;
+  }
+};
+
+// One group: rows `ids` (global row numbers), constant term C (n,H), optional D (n,H),
+// initial iterate Z (n,H).  C, D, Z are private copies that this function compacts.
+template <typename T>
+void solve_group(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, std::vector<int64_t> ids,
+                 const Cfg& cfg, T* out_z, int32_t* out_iters, T* out_res, bool* out_conv) {
+  const int64_t n = C.size(0);
+  const int64_t H = C.size(1);
+  if (n == 0) return;
+  at::Tensor P = at::empty_like(C);
+  AndersonState<T> and_state;
+  if (cfg.anderson) and_state.init(n, cfg.m, H);
+  std::vector<uint8_t> done(n, 0);
+  const bool has_d = D.defined();
+  const T damping = static_cast<T>(cfg.damping);
+  const bool exact_step = cfg.damping == 1.0;
+  // Picard with damping 1: every active row's new iterate is f, so Z and P swap buffers.
+  const bool swap_step = exact_step && !cfg.anderson;
+  int64_t na = n;
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1));
+
+  for (int64_t k = 1; k <= cfg.max_iter && na > 0; ++k) {
+    at::Tensor Pn = P.narrow(0, 0, na);
+    at::addmm_out(Pn, C.narrow(0, 0, na), Z.narrow(0, 0, na), M);
+    if (!cfg.adjoint) Pn.tanh_();
+    T* Zp = Z.data_ptr<T>();
+    T* Pp = P.data_ptr<T>();
+    const T* Dp = has_d ? D.data_ptr<T>() : nullptr;
+    const int64_t slot = cfg.anderson ? (k - 1) % cfg.m : 0;
+    std::atomic<bool> any_done{false};
+
+    at::parallel_for(0, na, grain, [&](int64_t begin, int64_t end) {
+      std::vector<double> A, y;
+      std::vector<int64_t> sl;
+      bool local_done = false;
+      for (int64_t r = begin; r < end; ++r) {
+        T* z = Zp + r * H;
+        T* f = Pp + r * H;
+        if (cfg.adjoint) {
+          const T* d = Dp + r * H;
+          for (int64_t j = 0; j < H; ++j) f[j] = f[j] * d[j];
+        }
+        double num, den;
+        row_norms(f, z, H, num, den);
+        const double gn = std::sqrt(num);
+        const double res = gn / (std::sqrt(den) + cfg.eps);
+        const bool fin = res < cfg.tol;
+        const int64_t row = ids[r];
+        out_iters[row] = static_cast<int32_t>(k);
+        out_res[row] = static_cast<T>(res);
+        bool mixed = false;
+        if (cfg.anderson)
+          mixed = and_state.step(r, slot, z, f, gn, !fin, cfg.lam, damping, exact_step, A, y, sl);
+        if (!mixed && !swap_step) {
+          if (exact_step) {
+            std::memcpy(z, f, sizeof(T) * H);
+          } else {
+            for (int64_t j = 0; j < H; ++j) z[j] = z[j] + damping * (f[j] - z[j]);
+          }
+        }
+        if (fin) {
+          std::memcpy(out_z + row * H, swap_step ? f : z, sizeof(T) * H);
+          out_conv[row] = true;
+          done[r] = 1;
+          local_done = true;
+        }
+      }
+      if (local_done) any_done.store(true, std::memory_order_relaxed);
+    });
+
+    if (swap_step) {
+      std::swap(Z, P);
+      Zp = Z.data_ptr<T>();
+    }
+    if (any_done.load()) {  // compact the rows still active to the front, in order
+      T* Cp = C.data_ptr<T>();
+      T* Dw = has_d ? D.data_ptr<T>() : nullptr;
+      int64_t w = 0;
+      for (int64_t r = 0; r < na; ++r) {
+        if (done[r]) continue;
+        if (w != r) {
+          std::memcpy(Zp + w * H, Zp + r * H, sizeof(T) * H);
+          std::memcpy(Cp + w * H, Cp + r * H, sizeof(T) * H);
+          if (has_d) std::memcpy(Dw + w * H, Dw + r * H, sizeof(T) * H);
+          if (cfg.anderson) and_state.move_row(w, r);
+          ids[w] = ids[r];
+        }
+        ++w;
+      }
+      std::fill(done.begin(), done.begin() + na, 0);
+      na = w;
+    }
+  }
+  const T* Zp = Z.data_ptr<T>();
+  for (int64_t r = 0; r < na; ++r) std::memcpy(out_z + ids[r] * H, Zp + r * H, sizeof(T) * H);
+}
+
+// Stable counting sort of the rows by action: offsets (L+2), perm (B).
+void group_rows(const at::Tensor& actions, int64_t L, std::vector<int64_t>& offsets, std::vector<int64_t>& perm) {
+  const int64_t B = actions.size(0);
+  auto a = actions.contiguous();
+  const int64_t* ap = a.data_ptr<int64_t>();
+  offsets.assign(L + 2, 0);
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t v = ap[i];
+    TORCH_CHECK(v >= 0 && v <= L, "dynalay: actions must lie in [0, ", L, "], got ", v);
+    offsets[v + 1]++;
+  }
+  for (int64_t l = 0; l <= L; ++l) offsets[l + 1] += offsets[l];
+  perm.assign(B, 0);
+  std::vector<int64_t> pos(offsets.begin(), offsets.end() - 1);
+  for (int64_t i = 0; i < B; ++i) perm[pos[ap[i]]++] = i;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fp_solve_cpu(
+    const at::Tensor& c, const at::Tensor& W, const c10::optional<at::Tensor>& d,
+    const c10::optional<at::Tensor>& actions, const c10::optional<at::Tensor>& z0, bool adjoint, double tol,
+    int64_t max_iter, c10::string_view solver, double damping, int64_t anderson_m, double anderson_lam,
+    double eps) {
+  TORCH_CHECK(c.dim() == 2, "dynalay: c must be (B, H)");
+  TORCH_CHECK(W.dim() == 3 && W.size(1) == c.size(1) && W.size(2) == c.size(1), "dynalay: W must be (L, H, H)");
+  TORCH_CHECK(c.scalar_type() == W.scalar_type(), "dynalay: c and W dtypes differ");
+  TORCH_CHECK(solver == "picard" || solver == "anderson", "dynalay: unknown solver");
+  TORCH_CHECK(!adjoint || (d.has_value() && d->defined()), "dynalay: the adjoint map needs d");
+  const int64_t B = c.size(0), H = c.size(1), L = W.size(0);
+  Cfg cfg{adjoint, tol, max_iter, solver == "anderson", damping, anderson_m, anderson_lam, eps};
+  at::Tensor cc = c.contiguous();
+  at::Tensor out_z = (z0.has_value() && z0->defined()) ? z0->contiguous().clone() : at::zeros_like(cc);
+  at::Tensor iters = at::zeros({B}, c.options().dtype(at::kInt));
+  at::Tensor res = at::zeros({B}, c.options());
+  at::Tensor conv = at::zeros({B}, c.options().dtype(at::kBool));
+  const bool grouped = actions.has_value() && actions->defined();
+  TORCH_CHECK(grouped || L == 1, "dynalay: W with several layers needs actions");
+
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "dynalay_fp_solve_cpu", [&] {
+    using T = scalar_t;
+    auto run = [&](const at::Tensor& rows_t, std::vector<int64_t> ids, int64_t layer) {
+      at::Tensor M = adjoint ? W[layer] : W[layer].t();
+      at::Tensor C, D, Z;
+      if (rows_t.defined()) {
+        C = cc.index_select(0, rows_t);
+        D = adjoint ? d->index_select(0, rows_t).contiguous() : at::Tensor();
+        Z = (z0.has_value() && z0->defined()) ? z0->index_select(0, rows_t).contiguous() : at::zeros_like(C);
+      } else {
+        C = cc.clone();
+        D = adjoint ? d->contiguous().clone() : at::Tensor();
+        Z = out_z.clone();
+      }
+      solve_group<T>(C, D, Z, M, std::move(ids), cfg, out_z.data_ptr<T>(), iters.data_ptr<int32_t>(),
+                     res.data_ptr<T>(), conv.data_ptr<bool>());
+    };
+    if (!grouped) {
+      std::vector<int64_t> ids(B);
+      for (int64_t i = 0; i < B; ++i) ids[i] = i;
+      run(at::Tensor(), std::move(ids), 0);
+    } else {
+      TORCH_CHECK(actions->dim() == 1 && actions->size(0) == B && actions->scalar_type() == at::kLong,
+                  "dynalay: actions must be (B,) int64");
+      std::vector<int64_t> offsets, perm;
+      group_rows(*actions, L, offsets, perm);
+      bool* cp = conv.data_ptr<bool>();
+      for (int64_t i = offsets[L]; i < offsets[L + 1]; ++i) cp[perm[i]] = true;  // NOP rows
+      for (int64_t layer = 0; layer < L; ++layer) {
+        const int64_t n = offsets[layer + 1] - offsets[layer];
+        if (n == 0) continue;
+        std::vector<int64_t> ids(perm.begin() + offsets[layer], perm.begin() + offsets[layer + 1]);
+        at::Tensor rows_t = at::from_blob(ids.data(), {n}, at::TensorOptions().dtype(at::kLong)).clone();
+        run(rows_t, std::move(ids), layer);
+      }
+    }
+  });
+  return {out_z, iters, res, conv};
+}
+
+at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& U, const c10::optional<at::Tensor>& b,
+                              const at::Tensor& actions, bool transpose) {
+  TORCH_CHECK(x.dim() == 2 && U.dim() == 3, "dynalay: grouped_linear expects x (B,K), U (L,N,K)");
+  const int64_t L = U.size(0);
+  const int64_t N = transpose ? U.size(2) : U.size(1);
+  at::Tensor y = at::zeros({x.size(0), N}, x.options());
+  std::vector<int64_t> offsets, perm;
+  group_rows(actions, L, offsets, perm);
+  for (int64_t layer = 0; layer < L; ++layer) {
+    const int64_t n = offsets[layer + 1] - offsets[layer];
+    if (n == 0) continue;
+    at::Tensor rows = at::from_blob(perm.data() + offsets[layer], {n}, at::TensorOptions().dtype(at::kLong)).clone();
+    at::Tensor xr = x.index_select(0, rows);
+    at::Tensor Ul = transpose ? U[layer] : U[layer].t();
+    at::Tensor yr = (b.has_value() && b->defined()) ? at::addmm((*b)[layer], xr, Ul) : at::mm(xr, Ul);
+    y.index_copy_(0, rows, yr);
+  }
+  return y;
+}
+
+at::Tensor grouped_wgrad_cpu(const at::Tensor& u, const at::Tensor& x, const c10::optional<at::Tensor>& actions,
+                             int64_t num_layers) {
+  TORCH_CHECK(u.dim() == 2 && x.dim() == 2 && u.size(0) == x.size(0), "dynalay: grouped_wgrad expects u (B,N), x (B,K)");
+  if (!actions.has_value() || !actions->defined()) return at::mm(u.t(), x).unsqueeze(0);
+  at::Tensor out = at::zeros({num_layers, u.size(1), x.size(1)}, u.options());
+  std::vector<int64_t> offsets, perm;
+  group_rows(*actions, num_layers, offsets, perm);
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    const int64_t n = offsets[layer + 1] - offsets[layer];
+    if (n == 0) continue;
+    at::Tensor rows = at::from_blob(perm.data() + offsets[layer], {n}, at::TensorOptions().dtype(at::kLong)).clone();
+    out[layer].copy_(at::mm(u.index_select(0, rows).t(), x.index_select(0, rows)));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynalay_C, CPU, m) {
+  m.impl("fp_solve", &fp_solve_cpu);
+  m.impl("grouped_linear", &grouped_linear_cpu);
+  m.impl("grouped_wgrad", &grouped_wgrad_cpu);
+}
+
+}  // namespace dynalay

@@ -1,0 +1,24 @@
+// Schemas of the dynalay_C internal ops.  The public ops live in the `dynalay`
+// namespace (dynalay/ops/*.py, torch.library.custom_op) and call these for the `cpp`
+// and `cuda` backends.  Kernels register per dispatch key: CPU in csrc/cpu/, CUDA in
+// csrc/cuda/ (a separate extension, built only against a CUDA torch).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A dummy module so that `import dynalay._C` loads this library (and runs the static
+// registrations below) through the normal Python import machinery.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(dynalay_C, m) {
+  m.def(
+      "fp_solve(Tensor c, Tensor W, Tensor? d, Tensor? actions, Tensor? z0, bool adjoint, float tol, "
+      "int max_iter, str solver, float damping, int anderson_m, float anderson_lam, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("grouped_linear(Tensor x, Tensor U, Tensor? b, Tensor actions, bool transpose) -> Tensor");
+  m.def("grouped_wgrad(Tensor u, Tensor x, Tensor? actions, int num_layers) -> Tensor");
+}

@@ -1,0 +1,63 @@
+"""Loading of the compiled extensions.  Never raises: a missing or broken extension is
+recorded here, reported once as a warning when a backend would have used it, and shown
+by ``python -m dynalay info``."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import warnings
+from typing import Dict, Optional
+
+_state: Dict[str, Optional[str]] = {}  # module name -> None if loaded, else the reason
+_warned: set = set()
+
+
+def build_info() -> dict:
+    path = os.path.join(os.path.dirname(__file__), "build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError:
+        return {}
+
+
+def _load(name: str, expected_key: str) -> Optional[str]:
+    if name in _state:
+        return _state[name]
+    reason: Optional[str]
+    try:
+        importlib.import_module(f"dynalay.{name}")
+        reason = None
+    except ImportError as e:
+        info = build_info()
+        if info and not info.get(expected_key, False):
+            err = info.get(f"{expected_key}_error")
+            reason = f"dynalay.{name} was not built" + (f" (build error: {err})" if err else
+                                                         f" (DYNALAY_BUILD_{expected_key.upper()}=0 or not applicable)")
+        else:
+            reason = f"dynalay.{name} failed to load: {e}"
+    except Exception as e:  # noqa: BLE001 - e.g. undefined symbols from a torch ABI mismatch
+        reason = f"dynalay.{name} failed to load: {type(e).__name__}: {e}"
+    _state[name] = reason
+    return reason
+
+
+def cpp_error() -> Optional[str]:
+    """None when the C++ CPU ops are loaded, else why not."""
+    return _load("_C", "cpp")
+
+
+def cuda_error() -> Optional[str]:
+    import torch
+
+    if torch.version.cuda is None:
+        return "this torch is a CPU-only build"
+    return _load("_C_cuda", "cuda")
+
+
+def warn_fallback_once(key: str, message: str) -> None:
+    if key in _warned or os.environ.get("DYNALAY_QUIET", "0") == "1":
+        return
+    _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)

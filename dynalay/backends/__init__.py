@@ -1,0 +1,173 @@
+"""Backend selection, with reasons (xformers style).
+
+Backends:
+  ``torch``   pure PyTorch (backends/torch_ref.py): every device, dtype and solver; the oracle.
+  ``cpp``     C++ CPU ops (dynalay._C, csrc/cpu): CPU tensors, every solver.
+  ``triton``  fused Triton kernels (backends/triton/): CUDA tensors; CPU tensors only under
+              ``TRITON_INTERPRET=1`` (the interpreter: correctness, not speed); Picard only.
+  ``cuda``    CUDA C++ kernels (kernels/*.cu via dynalay._C_cuda): CUDA tensors; Picard only.
+
+``DYNALAY_BACKEND=auto|torch|cpp|triton|cuda`` (or the ``backend=`` argument of the public
+functions) forces one.  A forced backend that cannot run raises ``RuntimeError`` listing every
+reason; ``auto`` tries, for CPU tensors, cpp then torch; for CUDA tensors, triton, cuda, torch.
+When ``auto`` has to fall back to ``torch`` because a compiled backend is missing, one warning
+says so.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .. import _ext
+
+NAMES = ("torch", "cpp", "triton", "cuda")
+_AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _triton_error() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def not_supported_reasons(name: str, device_type: str = "cpu", dtype: torch.dtype = torch.float32,
+                          solvers: Tuple[str, ...] = ("picard",)) -> List[str]:
+    """Why backend ``name`` cannot run this problem (empty list: it can)."""
+    if name not in NAMES:
+        return [f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'"]
+    reasons: List[str] = []
+    if dtype not in _FLOAT:
+        reasons.append(f"dtype {dtype} is not a floating dtype")
+    if name == "torch":
+        return reasons
+    if name == "cpp":
+        err = _ext.cpp_error()
+        if err:
+            reasons.append(err)
+        if device_type != "cpu":
+            reasons.append(f"cpp runs on CPU tensors only (got {device_type})")
+        return reasons
+    if any(s != "picard" for s in solvers):
+        reasons.append(f"{name} implements solver='picard' only (asked for {sorted(set(solvers))})")
+    if name == "triton":
+        err = _triton_error()
+        if err:
+            reasons.append(err)
+        if device_type == "cpu":
+            if not _interpreting():
+                reasons.append("triton runs CPU tensors only under TRITON_INTERPRET=1 "
+                               "(set it before dynalay is imported)")
+            elif dtype == torch.bfloat16:
+                reasons.append("bf16 tl.dot is silently wrong under the Triton interpreter")
+        elif device_type == "cuda":
+            if dtype == torch.float64:
+                reasons.append("the triton GPU kernels take fp32/fp16/bf16 (float64: use torch)")
+        else:
+            reasons.append(f"triton does not run on {device_type} tensors")
+        return reasons
+    # cuda
+    if device_type != "cuda":
+        reasons.append(f"cuda runs on CUDA tensors only (got {device_type})")
+    elif not torch.cuda.is_available():
+        reasons.append("no CUDA device is available")
+    err = _ext.cuda_error()
+    if err:
+        reasons.append(err)
+    if dtype == torch.float64:
+        reasons.append("the CUDA kernels take fp32/fp16/bf16 (float64: use torch)")
+    return reasons
+
+
+def availability_error(name: str) -> Optional[str]:
+    """Why backend ``name`` is not usable at all on this machine (None: it is)."""
+    if name == "cpp":
+        return _ext.cpp_error()
+    if name == "triton":
+        return _triton_error()
+    if name == "cuda":
+        return _ext.cuda_error()
+    return None
+
+
+_cache: Dict[tuple, str] = {}
+
+
+def requested_backend(backend: Optional[str] = None) -> str:
+    name = backend if backend is not None else os.environ.get("DYNALAY_BACKEND", "auto")
+    name = name.strip().lower()
+    if name not in NAMES + ("auto",):
+        raise ValueError(f"backend must be one of {', '.join(NAMES)} or 'auto' (got {name!r}; "
+                         "set by the backend= argument or DYNALAY_BACKEND)")
+    return name
+
+
+@torch.compiler.assume_constant_result
+def _select(backend: Optional[str], device_type: str, dtype: torch.dtype, solvers: Tuple[str, ...]) -> str:
+    requested = requested_backend(backend)
+    key = (requested, device_type, dtype, solvers)
+    if key in _cache:
+        return _cache[key]
+    if requested != "auto":
+        reasons = not_supported_reasons(requested, device_type, dtype, solvers)
+        if reasons:
+            raise RuntimeError(f"dynalay: backend {requested!r} cannot run this call "
+                               f"({device_type}, {dtype}, solvers {list(solvers)}):\n  - " + "\n  - ".join(reasons))
+        _cache[key] = requested
+        return requested
+    skipped = []
+    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+        if not not_supported_reasons(name, device_type, dtype, solvers):
+            missing = [f"{n}: {availability_error(n)}" for n in skipped if availability_error(n)]
+            if name == "torch" and missing:
+                _ext.warn_fallback_once(
+                    f"fallback-{device_type}",
+                    "dynalay: using the pure-PyTorch fallback (slower) because " + " | ".join(missing)
+                    + ". Run `python -m dynalay info` for details.")
+            _cache[key] = name
+            return name
+        skipped.append(name)
+    raise RuntimeError(f"dynalay: no backend can run {device_type}/{dtype}")  # pragma: no cover
+
+
+def select(device: torch.device, dtype: torch.dtype, solvers: Tuple[str, ...] = ("picard",),
+           backend: Optional[str] = None) -> str:
+    """Name of the backend that runs a solve on ``device``/``dtype`` with these solvers.
+
+    ``backend`` overrides ``DYNALAY_BACKEND``; ``auto`` picks the fastest that can run."""
+    return _select(backend, torch.device(device).type, dtype, tuple(solvers))
+
+
+def get(name: str):
+    """The module implementing backend ``name`` (fp_solve, grouped_linear, grouped_wgrad)."""
+    if name == "torch":
+        from . import torch_ref
+        return torch_ref
+    if name == "cpp":
+        from . import cpp
+        return cpp
+    if name == "triton":
+        from . import triton as triton_backend
+        return triton_backend
+    if name == "cuda":
+        from . import cuda
+        return cuda
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def describe() -> List[Tuple[str, List[str]]]:
+    """For ``dynalay info``: each backend and why it cannot run (CPU fp32 and CUDA fp32)."""
+    rows = []
+    for name in NAMES:
+        cpu = not_supported_reasons(name, "cpu", torch.float32)
+        gpu = not_supported_reasons(name, "cuda", torch.float32) if torch.cuda.is_available() else [
+            "no CUDA device is available"]
+        rows.append((name, cpu, gpu))
+    return rows

@@ -1,0 +1,141 @@
+"""Argument validation, solver configuration and convergence reporting shared by the ops.
+
+Everything here runs before any kernel: bad input gets a ``TypeError``/``ValueError`` that
+names the argument.  Data-dependent checks (non-finite values) need one host read of a flag
+and are skipped while ``torch.compile`` traces (and when ``check="none"``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+
+SOLVERS = ("picard", "anderson")
+BACKWARDS = ("implicit", "phantom")
+CHECKS = ("warn", "raise", "none")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """A fixed-point solve (forward or adjoint) left rows unconverged at ``max_iter``."""
+
+
+class NotConvergedError(RuntimeError):
+    """Raised instead of ``ConvergenceWarning`` when ``check="raise"``."""
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """One solve's settings (the forward and the backward each get one)."""
+
+    tol: float = 1e-4
+    max_iter: int = 50
+    solver: str = "picard"
+    damping: float = 1.0
+    anderson_m: int = 5
+    anderson_lam: float = 1e-6
+    eps: float = 1e-12
+
+    def validate(self, prefix: str = "") -> "SolverConfig":
+        p = prefix
+        if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not math.isfinite(self.tol) \
+                or self.tol <= 0:
+            raise ValueError(f"{p}tol must be a finite float > 0 (got {self.tol!r})")
+        if not isinstance(self.max_iter, int) or isinstance(self.max_iter, bool) or self.max_iter < 1:
+            raise ValueError(f"{p}max_iter must be an int >= 1 (got {self.max_iter!r})")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"{p}solver must be one of {SOLVERS} (got {self.solver!r})")
+        if not isinstance(self.damping, (int, float)) or not (0.0 < self.damping <= 1.0):
+            raise ValueError(f"{p}damping must be in (0, 1] (got {self.damping!r})")
+        if not isinstance(self.anderson_m, int) or not (1 <= self.anderson_m <= 32):
+            raise ValueError(f"{p}anderson_m must be an int in [1, 32] (got {self.anderson_m!r})")
+        if not isinstance(self.anderson_lam, (int, float)) or not math.isfinite(self.anderson_lam) \
+                or self.anderson_lam < 0:
+            raise ValueError(f"{p}anderson_lam must be a finite float >= 0 (got {self.anderson_lam!r})")
+        if not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) or self.eps <= 0:
+            raise ValueError(f"{p}eps must be a finite float > 0 (got {self.eps!r})")
+        return self
+
+    def op_args(self) -> Tuple:
+        return (float(self.tol), int(self.max_iter), self.solver, float(self.damping), int(self.anderson_m),
+                float(self.anderson_lam), float(self.eps))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Iterate and accumulate in float32 unless the input is float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_tensor(name: str, t, ndim: int, *, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None, floating: bool = True) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (got {type(t).__name__})")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions (got shape {tuple(t.shape)})")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64 (got {t.dtype})")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but must match {dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    return t
+
+
+def check_finite(check: str, **tensors: Optional[Tensor]) -> None:
+    """Reject NaN/Inf inputs (one host read per tensor; skipped under compile or check='none')."""
+    if check == "none" or torch.compiler.is_compiling():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices} (got {value!r})")
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum} (got {value!r})")
+
+
+def report(where: str, converged: Tensor, residual: Tensor, max_iter: int, check: str) -> None:
+    """Warn (or raise) when rows did not converge.  One host read; skipped under compile."""
+    if check == "none" or torch.compiler.is_compiling() or converged.numel() == 0:
+        return
+    bad = int((~converged).sum())
+    if bad == 0:
+        return
+    worst = float(residual.float().max())
+    msg = (f"dynalay: the {where} fixed-point solve did not converge for {bad}/{converged.numel()} rows "
+           f"within max_iter={max_iter} (largest relative residual {worst:.3g}); the result of those rows "
+           f"is the last iterate. Is W contractive (||W||_2 < 1)? Raise max_iter, damp, or use solver='anderson'.")
+    if check == "raise":
+        raise NotConvergedError(msg)
+    warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+
+
+def run_solve(backend: str, c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor],
+              z0: Optional[Tensor], adjoint: bool, cfg: Tuple) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Call one backend's grouped solve.  torch/cpp compute in the compute dtype (inputs are cast
+    here); triton/cuda take the native dtype and cast inside their kernels."""
+    be = backends.get(backend)
+    if backend in ("torch", "cpp"):
+        cd = compute_dtype(c.dtype)
+        c, W = c.to(cd), W.to(cd)
+        d = None if d is None else d.to(cd)
+        z0 = None if z0 is None else z0.to(cd)
+    return be.fp_solve(c, W, d, actions, z0, adjoint, *cfg)
+
+
+def cast_for(backend: str, *ts: Optional[Tensor]):
+    if backend not in ("torch", "cpp"):
+        return ts
+    return tuple(None if t is None else t.to(compute_dtype(t.dtype)) for t in ts)

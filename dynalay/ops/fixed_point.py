@@ -1,0 +1,308 @@
+"""The fixed-point solve as torch custom ops, with implicit (IFT) and phantom gradients.
+
+Ops (namespace ``dynalay``):
+
+``fixed_point_fwd``      z = tanh(z W[a]^T + inj) per row, per-row freeze; differentiable in
+                         ``inj`` and ``W`` (``register_autograd``).  ``W`` is ``(L, H, H)``;
+                         ``actions`` (optional, ``(B,)`` int64 in ``[0, L]``) picks each row's
+                         layer, ``L`` meaning NOP.  Without ``actions`` ``L`` must be 1.
+``fixed_point_adjoint``  u = d * (g + u W[a]) with d = 1 - z*^2: the IFT backward's linear
+                         fixed point, same freeze rule.  dinj = u and dW[l] = sum u^T z*.
+``grouped_wgrad``        out[l] = sum over rows of layer l of u_i^T x_i (no atomics).
+``grouped_linear``       y_i = x_i U[a_i]^T + b[a_i] (or x_i U[a_i]); NOP rows give 0.
+
+Memory kept for backward (implicit): z* only (plus ``inj`` for the phantom gradient).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ._common import (BACKWARDS, CHECKS, SolverConfig, check_choice, check_finite, check_int, check_tensor,
+                      compute_dtype, report, run_solve)
+
+# The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
+last_backward_stats: dict = {}
+
+
+class FixedPointResult(NamedTuple):
+    z: Tensor          # (B, H), dtype of inj
+    iters: Tensor      # (B,) int32: f-evaluations spent on the row
+    residual: Tensor   # (B,) final relative residual ||f(z)-z|| / (||f(z)|| + eps) (fp32, fp64 for fp64 input)
+    converged: Tensor  # (B,) bool
+
+
+def _res_dtype(dtype: torch.dtype) -> torch.dtype:
+    return compute_dtype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# dynalay::fixed_point_adjoint
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("dynalay::fixed_point_adjoint", mutates_args=())
+def fixed_point_adjoint(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], tol: float, max_iter: int,
+                        solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float,
+                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    cd = compute_dtype(z.dtype)
+    zc = z.to(cd)
+    d = 1.0 - zc * zc
+    cfg = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps)
+    u, it, res, conv = run_solve(backend, g.to(cd), W, d, actions, None, True, cfg)
+    return u.to(cd), it, res.to(cd), conv
+
+
+@fixed_point_adjoint.register_fake
+def _(z, g, W, actions, tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backend):
+    torch._check(z.dim() == 2 and g.shape == z.shape)
+    cd = compute_dtype(z.dtype)
+    B, H = z.shape
+    return (z.new_empty(B, H, dtype=cd), z.new_empty(B, dtype=torch.int32), z.new_empty(B, dtype=cd),
+            z.new_empty(B, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------------------------
+# dynalay::grouped_wgrad
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("dynalay::grouped_wgrad", mutates_args=())
+def grouped_wgrad(u: Tensor, x: Tensor, actions: Optional[Tensor], num_layers: int, backend: str) -> Tensor:
+    cd = compute_dtype(u.dtype)
+    out = backends.get(backend).grouped_wgrad(u.to(cd), x.to(cd), actions, num_layers)
+    return out.to(cd)
+
+
+@grouped_wgrad.register_fake
+def _(u, x, actions, num_layers, backend):
+    torch._check(u.dim() == 2 and x.dim() == 2)
+    return u.new_empty(num_layers, u.shape[1], x.shape[1], dtype=compute_dtype(u.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# dynalay::grouped_linear (differentiable)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("dynalay::grouped_linear", mutates_args=())
+def grouped_linear(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, transpose: bool,
+                   backend: str) -> Tensor:
+    be = backends.get(backend)
+    if backend in ("torch", "cpp"):
+        cd = compute_dtype(x.dtype)
+        y = be.grouped_linear(x.to(cd), U.to(cd), None if b is None else b.to(cd), actions, transpose)
+    else:
+        y = be.grouped_linear(x, U, b, actions, transpose)
+    return y.to(x.dtype)
+
+
+@grouped_linear.register_fake
+def _(x, U, b, actions, transpose, backend):
+    torch._check(x.dim() == 2 and U.dim() == 3)
+    N = U.shape[2] if transpose else U.shape[1]
+    return x.new_empty(x.shape[0], N)
+
+
+def _gl_setup(ctx, inputs, output):
+    x, U, b, actions, transpose, backend = inputs
+    ctx.save_for_backward(x, U, actions)
+    ctx.transpose, ctx.backend, ctx.has_b = transpose, backend, b is not None
+    ctx.dtypes = (x.dtype, U.dtype, None if b is None else b.dtype)
+
+
+def _gl_backward(ctx, gy):
+    x, U, actions = ctx.saved_tensors
+    L = U.shape[0]
+    dx = dU = db = None
+    if ctx.needs_input_grad[0]:
+        dx = grouped_linear(gy, U, None, actions, not ctx.transpose, ctx.backend).to(ctx.dtypes[0])
+    if ctx.needs_input_grad[1]:
+        if ctx.transpose:   # y = x U[a]  (U: (L, K, N)) -> dU[l] = sum x^T gy
+            dU = grouped_wgrad(x, gy, actions, L, ctx.backend)
+        else:               # y = x U[a]^T (U: (L, N, K)) -> dU[l] = sum gy^T x
+            dU = grouped_wgrad(gy, x, actions, L, ctx.backend)
+        dU = dU.to(ctx.dtypes[1])
+    if ctx.has_b and ctx.needs_input_grad[2]:
+        ones = gy.new_ones(gy.shape[0], 1)
+        db = grouped_wgrad(gy, ones, actions, L, ctx.backend)[..., 0].to(ctx.dtypes[2])
+    return dx, dU, db, None, None, None
+
+
+grouped_linear.register_autograd(_gl_backward, setup_context=_gl_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients of a solved fixed point (shared with dynamic_step)
+# --------------------------------------------------------------------------------------------
+def _apply_W(z: Tensor, W: Tensor, actions: Optional[Tensor], transpose: bool, backend: str) -> Tensor:
+    """z W[a]^T (transpose=False) or z W[a] (transpose=True), rows of NOP give 0."""
+    if actions is None:
+        return z @ W[0] if transpose else z @ W[0].t()
+    return grouped_linear(z, W, None, actions, transpose, backend)
+
+
+def implicit_grads(z: Tensor, gz: Tensor, W: Tensor, actions: Optional[Tensor], bcfg: Tuple, check: str,
+                   backend: str, want_W: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """IFT: u = d*(g + u W), dinj = u, dW[l] = sum u^T z.  Returns (u, dW) in the compute dtype."""
+    u, it, res, conv = fixed_point_adjoint(z, gz, W, actions, *bcfg, backend)
+    if not torch.compiler.is_compiling():
+        last_backward_stats.update(iters=it, residual=res, converged=conv)
+    report("backward (adjoint)", conv, res, bcfg[1], check)
+    dW = grouped_wgrad(u, z, actions, W.shape[0], backend) if want_W else None
+    return u, dW
+
+
+def phantom_grads(z: Tensor, inj: Tensor, gz: Tensor, W: Tensor, actions: Optional[Tensor], steps: int,
+                  lam: float, backend: str, want_W: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """k-step phantom gradient: backprop through z_{j+1} = (1-lam) z_j + lam tanh(z_j W^T + inj)
+    started at z* (a constant).  steps=1, lam=1 is the Jacobian-free backward (JFB)."""
+    cd = compute_dtype(z.dtype)
+    zj, injc, Wc, a = z.to(cd), inj.to(cd), W.to(cd), gz.to(cd)
+    active = None if actions is None else (actions < W.shape[0]).unsqueeze(1)
+    zs, ts = [], []
+    for _ in range(steps):
+        t = torch.tanh(_apply_W(zj, Wc, actions, False, backend) + injc)
+        zs.append(zj)
+        ts.append(t)
+        zn = (1.0 - lam) * zj + lam * t
+        zj = zn if active is None else torch.where(active, zn, zj)
+    dinj = torch.zeros_like(injc)
+    dW = torch.zeros_like(Wc) if want_W else None
+    for j in reversed(range(steps)):
+        u = lam * a * (1.0 - ts[j] * ts[j])
+        if active is not None:
+            u = torch.where(active, u, torch.zeros_like(u))
+        dinj = dinj + u
+        if want_W:
+            dW = dW + grouped_wgrad(u, zs[j], actions, W.shape[0], backend)
+        a = (1.0 - lam) * a + _apply_W(u, Wc, actions, True, backend)
+    return dinj, dW
+
+
+# --------------------------------------------------------------------------------------------
+# dynalay::fixed_point_fwd (differentiable)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("dynalay::fixed_point_fwd", mutates_args=())
+def fixed_point_fwd(inj: Tensor, W: Tensor, actions: Optional[Tensor], z0: Optional[Tensor], tol: float,
+                    max_iter: int, solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float,
+                    backward: str, b_tol: float, b_max_iter: int, b_solver: str, b_damping: float,
+                    b_anderson_m: int, b_anderson_lam: float, b_eps: float, phantom_steps: int,
+                    phantom_damping: float, check: str, backend: str,
+                    b_backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    cfg = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps)
+    z, it, res, conv = run_solve(backend, inj, W, None, actions, z0, False, cfg)
+    return z.to(inj.dtype), it, res.to(_res_dtype(inj.dtype)), conv
+
+
+@fixed_point_fwd.register_fake
+def _(inj, W, actions, z0, *args):
+    torch._check(inj.dim() == 2)
+    torch._check(W.dim() == 3)
+    B, H = inj.shape
+    return (inj.new_empty(B, H), inj.new_empty(B, dtype=torch.int32), inj.new_empty(B, dtype=_res_dtype(inj.dtype)),
+            inj.new_empty(B, dtype=torch.bool))
+
+
+def _fp_setup(ctx, inputs, output):
+    (inj, W, actions, z0, tol, max_iter, solver, damping, m, lam, eps, backward, b_tol, b_max_iter, b_solver,
+     b_damping, b_m, b_lam, b_eps, phantom_steps, phantom_damping, check, backend, b_backend) = inputs
+    z = output[0]
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+    if backward == "phantom":
+        ctx.save_for_backward(z, W, actions, inj)
+    else:
+        ctx.save_for_backward(z, W, actions)
+    ctx.backward, ctx.check, ctx.backend = backward, check, b_backend
+    ctx.bcfg = (b_tol, b_max_iter, b_solver, b_damping, b_m, b_lam, b_eps)
+    ctx.phantom = (phantom_steps, phantom_damping)
+    ctx.dtypes = (inj.dtype, W.dtype)
+
+
+def _fp_backward(ctx, gz, g_it, g_res, g_conv):
+    nones = (None,) * 22
+    if gz is None:
+        return (None, None) + nones
+    want_inj, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if ctx.backward == "phantom":
+        z, W, actions, inj = ctx.saved_tensors
+        dinj, dW = phantom_grads(z, inj, gz, W, actions, ctx.phantom[0], ctx.phantom[1], ctx.backend, want_W)
+    else:
+        z, W, actions = ctx.saved_tensors
+        dinj, dW = implicit_grads(z, gz, W, actions, ctx.bcfg, ctx.check, ctx.backend, want_W)
+    dinj = dinj.to(ctx.dtypes[0]) if want_inj else None
+    dW = dW.to(ctx.dtypes[1]) if (want_W and dW is not None) else None
+    return (dinj, dW) + nones
+
+
+fixed_point_fwd.register_autograd(_fp_backward, setup_context=_fp_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def resolve_backward_config(cfg: SolverConfig, backward_tol, backward_max_iter, backward_solver) -> SolverConfig:
+    return SolverConfig(
+        tol=cfg.tol if backward_tol is None else backward_tol,
+        max_iter=cfg.max_iter if backward_max_iter is None else backward_max_iter,
+        solver="picard" if backward_solver is None else backward_solver,
+        damping=cfg.damping, anderson_m=cfg.anderson_m, anderson_lam=cfg.anderson_lam, eps=cfg.eps,
+    ).validate("backward_")
+
+
+def check_backward_args(backward, phantom_steps, phantom_damping, check):
+    check_choice("backward", backward, BACKWARDS)
+    check_choice("check", check, CHECKS)
+    check_int("phantom_steps", phantom_steps, 1)
+    if not isinstance(phantom_damping, (int, float)) or not (0.0 < phantom_damping <= 1.0):
+        raise ValueError(f"phantom_damping must be in (0, 1] (got {phantom_damping!r})")
+
+
+def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50, solver: str = "picard",
+                backward: str = "implicit", z0: Optional[Tensor] = None, damping: float = 1.0,
+                anderson_m: int = 5, anderson_lam: float = 1e-6, eps: float = 1e-12,
+                backward_tol: Optional[float] = None, backward_max_iter: Optional[int] = None,
+                backward_solver: Optional[str] = None, phantom_steps: int = 5, phantom_damping: float = 0.5,
+                check: str = "warn", backend: Optional[str] = None) -> FixedPointResult:
+    """Solve ``z = tanh(z @ W.T + inj)`` for every row of ``inj``.
+
+    Args:
+        inj: ``(B, H)`` injection (``U x + b``), float16/bfloat16/float32/float64.
+        W: ``(H, H)`` weight, same dtype and device as ``inj``; keep ``||W||_2 < 1`` for convergence.
+        tol: per-row stopping rule ``||f(z)-z||_2 / (||f(z)||_2 + eps) < tol``; a row that meets it
+            is frozen and no longer computed.
+        max_iter: at most this many f-evaluations per row.
+        solver: ``"picard"`` (``z <- z + damping (f(z) - z)``) or ``"anderson"`` (safeguarded, with a
+            ridge relative to the residual scale: ``anderson_m`` history, ``anderson_lam``).
+        backward: ``"implicit"`` (IFT: solves ``u = d*(g + u W)`` per row with the same freeze rule;
+            memory O(B*H) whatever the iteration count) or ``"phantom"`` (``phantom_steps`` damped
+            steps from z*, ``phantom_damping``; 1 step with damping 1 is JFB).
+        z0: initial iterate (default zeros); it receives no gradient.
+        backward_tol / backward_max_iter / backward_solver: the adjoint solve's settings
+            (default: the forward's tol and max_iter, Picard).
+        check: ``"warn"`` (default): a ``ConvergenceWarning`` when rows did not converge (forward or
+            backward) and a ``ValueError`` on NaN/Inf inputs; ``"raise"``: ``NotConvergedError``
+            instead of the warning; ``"none"``: no data-dependent checks (no host read).
+        backend: ``"auto"``/``None`` (``DYNALAY_BACKEND``), ``"torch"``, ``"cpp"``, ``"triton"``, ``"cuda"``.
+
+    Returns:
+        ``FixedPointResult(z, iters, residual, converged)``.
+    """
+    check_tensor("inj", inj, 2)
+    check_tensor("W", W, 2, dtype=inj.dtype, device=inj.device)
+    B, H = inj.shape
+    if H == 0:
+        raise ValueError("inj must have at least one feature (got H=0)")
+    if tuple(W.shape) != (H, H):
+        raise ValueError(f"W must have shape ({H}, {H}) to match inj {tuple(inj.shape)} (got {tuple(W.shape)})")
+    if z0 is not None:
+        check_tensor("z0", z0, 2, dtype=inj.dtype, device=inj.device)
+        if z0.shape != inj.shape:
+            raise ValueError(f"z0 must have the shape of inj {tuple(inj.shape)} (got {tuple(z0.shape)})")
+    cfg = SolverConfig(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps).validate()
+    check_backward_args(backward, phantom_steps, phantom_damping, check)
+    bcfg = resolve_backward_config(cfg, backward_tol, backward_max_iter, backward_solver)
+    check_finite(check, inj=inj, W=W, z0=z0)
+    be = backends.select(inj.device, inj.dtype, (cfg.solver,), backend)
+    b_be = backends.select(inj.device, inj.dtype, (bcfg.solver,), backend)
+    z, it, res, conv = fixed_point_fwd(inj, W.unsqueeze(0), None, z0, *cfg.op_args(), backward, *bcfg.op_args(),
+                                       int(phantom_steps), float(phantom_damping), check, be, b_be)
+    report("forward", conv, res, cfg.max_iter, check)
+    return FixedPointResult(z, it, res, conv)

@@ -1,0 +1,315 @@
+"""dynalay.fixed_point on CPU: float64 references, backends agreeing, gradients, custom-op
+contract (opcheck, compile), determinism, convergence reporting, memory kept for backward."""
+import warnings
+
+import pytest
+import torch
+
+import dynalay
+from dynalay import backends
+from helpers import assert_close, assert_iters, make_W, ref_solve, rel_err, unrolled_grads
+
+CPU_BACKENDS = ["torch", "cpp"]
+SHAPES = [(1, 1), (1, 20), (7, 20), (64, 64), (33, 100)]
+
+
+def problem(B, H, dtype, gen, kind="gauss", inj_scale=1.0):
+    W = make_W(H, kind=kind, gen=gen).to(dtype)
+    inj = (inj_scale * torch.randn(B, H, generator=gen, dtype=torch.float64)).to(dtype)
+    return inj, W
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,H", SHAPES)
+def test_forward_matches_float64_reference(backend, dtype, B, H, gen):
+    inj, W = problem(B, H, dtype, gen)
+    r = dynalay.fixed_point(inj, W, backend=backend, max_iter=300)
+    z, it, res, conv, amb = ref_solve(inj, W, max_iter=300)
+    assert r.z.dtype == dtype and r.z.shape == (B, H)
+    assert r.iters.dtype == torch.int32 and r.converged.dtype == torch.bool
+    assert conv.all() and r.converged.all()
+    assert_iters(r.iters, it, amb)
+    assert_close(r.z, z, dtype, what="z")
+    assert (r.residual.double() < 1e-4).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_cpp_agrees_with_torch_ref(dtype, solver, gen):
+    if backends.availability_error("cpp"):
+        pytest.fail(f"the C++ extension must be built for the test suite: {backends.availability_error('cpp')}")
+    inj, W = problem(96, 48, dtype, gen)
+    a = dynalay.fixed_point(inj, W, backend="torch", solver=solver)
+    b = dynalay.fixed_point(inj, W, backend="cpp", solver=solver)
+    if solver == "picard":
+        z, it, res, conv, amb = ref_solve(inj, W)
+        assert_iters(a.iters, b.iters, amb)
+    else:  # Anderson's small solves differ in rounding between the two
+        assert (a.iters - b.iters).abs().max() <= 1
+    assert_close(b.z, a.z, dtype, what="z cpp vs torch")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rows_converging_at_different_speeds(backend, gen):
+    # injections spanning 6 orders of magnitude + a zero row + one slow symmetric problem
+    B, H = 40, 24
+    W = make_W(H, kind="sym", gen=gen)
+    scale = torch.logspace(-4, 1, B, dtype=torch.float64)
+    inj = torch.randn(B, H, generator=gen, dtype=torch.float64) * scale[:, None]
+    inj[3] = 0.0
+    r = dynalay.fixed_point(inj, W, backend=backend, max_iter=200)
+    z, it, res, conv, amb = ref_solve(inj, W, max_iter=200)
+    assert_iters(r.iters, it, amb)
+    assert int(r.iters.max()) - int(r.iters.min()) >= 5, "the problem should spread the iteration counts"
+    assert r.iters[3] == 1 and r.converged[3]
+    assert_close(r.z, z, torch.float64, what="z")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_damping_and_z0(backend, gen):
+    inj, W = problem(9, 13, torch.float64, gen)
+    z0 = torch.randn(9, 13, generator=gen, dtype=torch.float64)
+    r = dynalay.fixed_point(inj, W, damping=0.7, z0=z0, backend=backend, max_iter=200)
+    z, it, res, conv, amb = ref_solve(inj, W, damping=0.7, z0=z0, max_iter=200)
+    assert_iters(r.iters, it, amb)
+    assert_close(r.z, z, torch.float64)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_anderson_reaches_the_same_fixed_point_faster_on_slow_problem(backend, gen):
+    inj, W = problem(64, 64, torch.float64, gen, kind="sym", inj_scale=0.3)
+    p = dynalay.fixed_point(inj, W, tol=1e-8, max_iter=300, backend=backend)
+    a = dynalay.fixed_point(inj, W, tol=1e-8, max_iter=300, solver="anderson", backend=backend)
+    assert p.converged.all() and a.converged.all()
+    assert (a.z - p.z).abs().max() < 1e-6
+    assert a.iters.double().mean() <= 0.6 * p.iters.double().mean()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_implicit_gradient_matches_unrolled_backprop(backend, gen):
+    inj, W = problem(16, 12, torch.float64, gen)
+    G = torch.randn(16, 12, generator=gen, dtype=torch.float64)
+    i_ = inj.clone().requires_grad_()
+    W_ = W.clone().requires_grad_()
+    r = dynalay.fixed_point(i_, W_, tol=1e-13, max_iter=500, backend=backend)
+    (r.z * G).sum().backward()
+    gi, gW = unrolled_grads(inj, W, G, n_iter=400)
+    assert rel_err(i_.grad, gi) < 1e-9
+    assert rel_err(W_.grad, gW) < 1e-9
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_gradcheck_float64(backend, solver, gen):
+    inj, W = problem(3, 4, torch.float64, gen)
+    inj.requires_grad_()
+    W.requires_grad_()
+    f = lambda i, w: dynalay.fixed_point(i, w, tol=1e-13, max_iter=500, solver=solver, backend=backend,
+                                         backward_solver=solver).z
+    assert torch.autograd.gradcheck(f, (inj, W), eps=1e-6, atol=1e-7)
+
+
+def test_phantom_gradient_is_k_step_backprop(gen):
+    inj, W = problem(5, 7, torch.float64, gen)
+    G = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    i_, W_ = inj.clone().requires_grad_(), W.clone().requires_grad_()
+    r = dynalay.fixed_point(i_, W_, tol=1e-12, max_iter=300, backward="phantom", phantom_steps=3,
+                            phantom_damping=0.6)
+    (r.z * G).sum().backward()
+    # explicit autograd through 3 damped steps started at the (constant) fixed point
+    i2, W2 = inj.clone().requires_grad_(), W.clone().requires_grad_()
+    z = r.z.detach()
+    for _ in range(3):
+        z = 0.4 * z + 0.6 * torch.tanh(z @ W2.t() + i2)
+    (z * G).sum().backward()
+    assert rel_err(i_.grad, i2.grad) < 1e-12 and rel_err(W_.grad, W2.grad) < 1e-12
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bfloat16_and_float16_iterate_in_float32(backend, gen):
+    inj, W = problem(20, 24, torch.float32, gen)
+    ref = dynalay.fixed_point(inj, W, backend=backend)
+    for dt in (torch.bfloat16, torch.float16):
+        r = dynalay.fixed_point(inj.to(dt), W.to(dt), backend=backend)
+        assert r.z.dtype == dt and r.residual.dtype == torch.float32
+        exp = dynalay.fixed_point(inj.to(dt).float(), W.to(dt).float(), backend=backend)
+        assert torch.equal(r.z, exp.z.to(dt)) and torch.equal(r.iters, exp.iters)
+        assert (r.z.float() - ref.z).abs().max() < (0.05 if dt == torch.bfloat16 else 0.01)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_deterministic(backend, gen):
+    inj, W = problem(50, 30, torch.float32, gen)
+    outs = []
+    for _ in range(2):
+        i_, W_ = inj.clone().requires_grad_(), W.clone().requires_grad_()
+        r = dynalay.fixed_point(i_, W_, backend=backend, solver="anderson")
+        r.z.square().sum().backward()
+        outs.append((r.z.detach(), r.iters, r.residual, i_.grad, W_.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_divergent_layer_warns_and_flags_rows(backend, gen):
+    inj, W = problem(10, 16, torch.float64, gen)
+    W = 3.0 * W / 0.9
+    with pytest.warns(dynalay.ConvergenceWarning, match="did not converge"):
+        r = dynalay.fixed_point(inj, W, max_iter=30, backend=backend)
+    assert not r.converged.all() and torch.isfinite(r.z).all()
+    assert (r.iters[~r.converged] == 30).all()
+    assert (r.residual[~r.converged] >= 1e-4).all()
+    with pytest.raises(dynalay.NotConvergedError):
+        dynalay.fixed_point(inj, W, max_iter=30, backend=backend, check="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dynalay.fixed_point(inj, W, max_iter=30, backend=backend, check="none")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_non_convergence_is_reported(backend, gen):
+    inj, W = problem(6, 8, torch.float64, gen)
+    inj.requires_grad_()
+    r = dynalay.fixed_point(inj, W, backend=backend, backward_max_iter=2)
+    with pytest.warns(dynalay.ConvergenceWarning, match="backward"):
+        r.z.sum().backward()
+    assert not dynalay.ops.last_backward_stats["converged"].all()
+
+
+def test_memory_kept_for_backward_is_at_most_two_states(gen):
+    B, H = 64, 32
+    for kind, n_iter in (("gauss", None), ("sym", None)):
+        inj, W = problem(B, H, torch.float32, gen, kind=kind, inj_scale=0.3)
+        inj.requires_grad_()
+        W.requires_grad_()
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            r = dynalay.fixed_point(inj, W, tol=1e-6, max_iter=200)
+        states = [t for t in saved if t.numel() >= B * H and t.shape != W.shape]
+        assert len(states) <= 2, [tuple(t.shape) for t in saved]
+        assert r.iters.max() > 10  # independent of the number of iterations
+
+
+def _op_args(inj, W, backend, actions=None, backward="implicit"):
+    return (inj, W, actions, None, 1e-8, 200, "picard", 1.0, 5, 1e-6, 1e-12, backward, 1e-8, 200, "picard",
+            1.0, 5, 1e-6, 1e-12, 3, 0.5, "none", backend, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck(backend, requires_grad, gen):
+    from torch.library import opcheck
+    inj, W = problem(6, 5, torch.float64, gen)
+    inj.requires_grad_(requires_grad)
+    W = W.unsqueeze(0).requires_grad_(requires_grad)
+    opcheck(torch.ops.dynalay.fixed_point_fwd, _op_args(inj, W, backend))
+    opcheck(torch.ops.dynalay.fixed_point_fwd, _op_args(inj, W, backend, backward="phantom"))
+    z = torch.tanh(torch.randn(6, 5, generator=gen, dtype=torch.float64) * 0.3)
+    g = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    opcheck(torch.ops.dynalay.fixed_point_adjoint, (z, g, W.detach(), None, 1e-8, 200, "picard", 1.0, 5, 1e-6,
+                                                    1e-12, backend))
+    opcheck(torch.ops.dynalay.grouped_wgrad, (g, z, None, 1, backend))
+    acts = torch.tensor([0, 1, 1, 0, 2, 1])
+    U = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64).requires_grad_(requires_grad)
+    b = torch.randn(2, 4, generator=gen, dtype=torch.float64).requires_grad_(requires_grad)
+    opcheck(torch.ops.dynalay.grouped_linear, (inj, U, b, acts, False, backend))
+    opcheck(torch.ops.dynalay.grouped_wgrad, (g, z, acts, 2, backend))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend, gen):
+    inj, W = problem(12, 10, torch.float32, gen)
+    layer_W = W.clone().requires_grad_()
+
+    def f(x, w):
+        r = dynalay.fixed_point(x * 2.0, w, tol=1e-6, max_iter=100, check="none")
+        return (r.z.sin() * r.converged.unsqueeze(1)).sum() + r.iters.sum() * 0
+
+    x = inj.clone().requires_grad_()
+    cf = torch.compile(f, fullgraph=True, backend=compile_backend)
+    out = cf(x, layer_W)
+    out.backward()
+    x2, w2 = inj.clone().requires_grad_(), W.clone().requires_grad_()
+    ref = f(x2, w2)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer_W.grad, w2.grad)
+
+
+BAD = [
+    (lambda i, W: dynalay.fixed_point(i.numpy(), W), TypeError, "inj"),
+    (lambda i, W: dynalay.fixed_point(i[0], W), ValueError, "inj"),
+    (lambda i, W: dynalay.fixed_point(i, W[:3]), ValueError, "W"),
+    (lambda i, W: dynalay.fixed_point(i, W.double()), TypeError, "W"),
+    (lambda i, W: dynalay.fixed_point(i.long(), W), TypeError, "inj"),
+    (lambda i, W: dynalay.fixed_point(i, W, tol=0.0), ValueError, "tol"),
+    (lambda i, W: dynalay.fixed_point(i, W, tol=float("nan")), ValueError, "tol"),
+    (lambda i, W: dynalay.fixed_point(i, W, max_iter=0), ValueError, "max_iter"),
+    (lambda i, W: dynalay.fixed_point(i, W, max_iter=2.5), ValueError, "max_iter"),
+    (lambda i, W: dynalay.fixed_point(i, W, solver="broyden"), ValueError, "solver"),
+    (lambda i, W: dynalay.fixed_point(i, W, backward="unrolled"), ValueError, "backward"),
+    (lambda i, W: dynalay.fixed_point(i, W, backward_solver="cg"), ValueError, "backward_solver"),
+    (lambda i, W: dynalay.fixed_point(i, W, backward_tol=-1.0), ValueError, "backward_tol"),
+    (lambda i, W: dynalay.fixed_point(i, W, damping=1.5), ValueError, "damping"),
+    (lambda i, W: dynalay.fixed_point(i, W, anderson_m=0), ValueError, "anderson_m"),
+    (lambda i, W: dynalay.fixed_point(i, W, check="maybe"), ValueError, "check"),
+    (lambda i, W: dynalay.fixed_point(i, W, backend="tpu"), ValueError, "backend"),
+    (lambda i, W: dynalay.fixed_point(i, W, z0=i[:, :2]), ValueError, "z0"),
+    (lambda i, W: dynalay.fixed_point(i, W, f_tol=1e-3), TypeError, "f_tol"),
+    (lambda i, W: dynalay.fixed_point(i.clone().index_fill_(0, torch.tensor([1]), float("nan")), W), ValueError,
+     "inj contains NaN"),
+    (lambda i, W: dynalay.fixed_point(i, W.clone().fill_(float("inf"))), ValueError, "W contains NaN or Inf"),
+    (lambda i, W: dynalay.fixed_point(i[:, :0], W[:0, :0]), ValueError, "inj"),
+    (lambda i, W: dynalay.nn.FPILayer(4, 4, stop_mode="rel"), TypeError, "stop_mode"),
+    (lambda i, W: dynalay.nn.FPILayer(4, 4, tol=-1), ValueError, "tol"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_input_is_rejected_with_the_argument_named(case):
+    fn, exc, match = BAD[case]
+    inj, W = torch.randn(4, 6), make_W(6, dtype=torch.float32)
+    with pytest.raises(exc, match=match):
+        fn(inj, W)
+
+
+def test_empty_batch_is_fine():
+    r = dynalay.fixed_point(torch.zeros(0, 5), make_W(5, dtype=torch.float32))
+    assert r.z.shape == (0, 5) and r.iters.shape == (0,)
+
+
+def test_forced_backend_that_cannot_run_lists_reasons():
+    with pytest.raises(RuntimeError, match="cannot run") as e:
+        dynalay.fixed_point(torch.randn(2, 3), make_W(3, dtype=torch.float32), backend="cuda")
+    assert "CUDA" in str(e.value)
+
+
+def test_missing_extension_degrades_with_one_warning(monkeypatch):
+    from dynalay import _ext
+    monkeypatch.setitem(_ext._state, "_C", "dynalay._C failed to load: simulated")
+    monkeypatch.setattr(_ext, "_warned", set())
+    monkeypatch.setattr(backends, "_cache", {})
+    monkeypatch.setenv("DYNALAY_QUIET", "0")
+    inj, W = torch.randn(3, 4), make_W(4, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="pure-PyTorch fallback.*simulated") as rec:
+        dynalay.fixed_point(inj, W)
+        dynalay.fixed_point(inj, W)
+    assert sum("fallback" in str(w.message) for w in rec) == 1
+    assert backends.select("cpu", torch.float32) == "torch"
+    with pytest.raises(RuntimeError, match="simulated"):
+        dynalay.fixed_point(inj, W, backend="cpp")
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("DYNALAY_BACKEND", "torch")
+    assert backends.select("cpu", torch.float32) == "torch"
+    monkeypatch.setenv("DYNALAY_BACKEND", "nope")
+    with pytest.raises(ValueError, match="DYNALAY_BACKEND"):
+        backends.select("cpu", torch.float32)
