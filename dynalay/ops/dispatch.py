@@ -1,0 +1,257 @@
+"""Batched dynamic layer dispatch: group a batch by each row's action and advance every row
+through the fixed-point layer it chose (or nothing, for NOP) in one op.
+
+Ops (namespace ``dynalay``):
+
+``route``         grouping metadata with static shapes (no host sync).
+``dynamic_step``  h_new_i = z_i  with  z_i = tanh(W[a_i] z_i + U[a_i] h_i + b[a_i])  for a_i < L,
+                  h_new_i = h_i  for a_i == L (NOP: no compute).  Implicit (or phantom) gradients
+                  for h, U, W, b; per-layer weight gradients without atomics.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import backends
+from ._common import SolverConfig, check_finite, check_tensor, compute_dtype, report, run_solve
+from .fixed_point import (check_backward_args, grouped_linear, grouped_wgrad, implicit_grads, phantom_grads,
+                          resolve_backward_config)
+
+
+class Routing(NamedTuple):
+    counts: Tensor          # (L+1,) int64 rows per layer, NOP last
+    offsets: Tensor         # (L+2,) int64 start of each group in `perm` (offsets[l+1] = end)
+    perm: Tensor            # (B,) int64 stable order of the rows by action, NOP rows last
+    tile_layer: Tensor      # (T,) int32 layer of each tile, -1 for spare tiles; T = cdiv(B, block_m) + L
+    tile_row_start: Tensor  # (T,) int32 first position (in `perm`) of each tile
+    num_tiles: Tensor       # (1,) int32 tiles in use (a device scalar: spare programs exit)
+
+
+class DynamicStepResult(NamedTuple):
+    h: Tensor          # (B, H) new state: the fixed point for rows with a layer, h for NOP rows
+    iters: Tensor      # (B,) int32 f-evaluations spent on the row (0 for NOP)
+    converged: Tensor  # (B,) bool (True for NOP)
+
+
+def num_tiles_bound(B: int, num_layers: int, block_m: int) -> int:
+    return (B + block_m - 1) // block_m + num_layers
+
+
+def route_impl(actions: Tensor, num_layers: int, block_m: int) -> Tuple[Tensor, ...]:
+    """Torch implementation (any device, no host sync)."""
+    L, B = num_layers, actions.shape[0]
+    dev = actions.device
+    counts = torch.bincount(actions, minlength=L + 1)[: L + 1]
+    offsets = torch.zeros(L + 2, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    perm = torch.sort(actions, stable=True).indices
+    T = num_tiles_bound(B, L, block_m)
+    tiles_per = (counts[:L] + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles_per, 0)
+    t = torch.arange(T, device=dev)
+    layer = torch.searchsorted(tile_end, t, right=True)
+    valid = layer < L
+    lc = layer.clamp(max=L - 1)
+    row_start = offsets[lc] + (t - (tile_end - tiles_per)[lc]) * block_m
+    tile_layer = torch.where(valid, layer, torch.full_like(layer, -1)).to(torch.int32)
+    tile_row_start = torch.where(valid, row_start, torch.zeros_like(row_start)).to(torch.int32)
+    return counts, offsets, perm, tile_layer, tile_row_start, tile_end[L - 1:].to(torch.int32)
+
+
+@torch.library.custom_op("dynalay::route", mutates_args=())
+def route_op(actions: Tensor, num_layers: int, block_m: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return route_impl(actions, num_layers, block_m)
+
+
+@route_op.register_fake
+def _(actions, num_layers, block_m):
+    B = actions.shape[0]
+    T = (B + block_m - 1) // block_m + num_layers
+    i64, i32 = torch.int64, torch.int32
+    return (actions.new_empty(num_layers + 1, dtype=i64), actions.new_empty(num_layers + 2, dtype=i64),
+            actions.new_empty(B, dtype=i64), actions.new_empty(T, dtype=i32), actions.new_empty(T, dtype=i32),
+            actions.new_empty(1, dtype=i32))
+
+
+def _check_actions(actions, B: int, L: int, device, check: str) -> None:
+    if not isinstance(actions, Tensor):
+        raise TypeError(f"actions must be a torch.Tensor (got {type(actions).__name__})")
+    if actions.dtype != torch.int64:
+        raise TypeError(f"actions must be int64 (got {actions.dtype})")
+    if actions.dim() != 1 or actions.shape[0] != B:
+        raise ValueError(f"actions must have shape ({B},) (got {tuple(actions.shape)})")
+    if actions.device != device:
+        raise ValueError(f"actions is on {actions.device} but the other inputs are on {device}")
+    if check != "none" and not torch.compiler.is_compiling() and actions.numel():
+        lo, hi = int(actions.min()), int(actions.max())
+        if lo < 0 or hi > L:
+            raise ValueError(f"actions must lie in [0, {L}] (layer index, {L} = NOP); got values in [{lo}, {hi}]")
+
+
+def route(actions: Tensor, num_layers: int, block_m: int = 32, *, check: str = "warn") -> Routing:
+    """Grouping metadata for ``actions`` (``(B,)`` int64 in ``[0, num_layers]``, ``num_layers``
+    meaning NOP): per-layer counts and offsets, a stable permutation (NOP rows last) and per-tile
+    ``(layer, row_start)`` tables for ``block_m``-row tiles.  All sizes are static upper bounds."""
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be an int >= 1 (got {num_layers!r})")
+    if not isinstance(block_m, int) or block_m < 1:
+        raise ValueError(f"block_m must be an int >= 1 (got {block_m!r})")
+    if not isinstance(actions, Tensor):
+        raise TypeError(f"actions must be a torch.Tensor (got {type(actions).__name__})")
+    _check_actions(actions, actions.shape[0] if actions.dim() == 1 else -1, num_layers, actions.device, check)
+    return Routing(*route_op(actions, num_layers, block_m))
+
+
+# --------------------------------------------------------------------------------------------
+# dynalay::dynamic_step
+# --------------------------------------------------------------------------------------------
+def _step_forward(backend: str, h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, cfg: Tuple):
+    be = backends.get(backend)
+    if hasattr(be, "dynamic_step"):  # fused: projection + solve on the same tiles
+        return be.dynamic_step(h, actions, U, W, b, *cfg)
+    L = U.shape[0]
+    inj = grouped_linear(h, U, b, actions, False, backend)
+    z, it, res, conv = run_solve(backend, inj, W, None, actions, None, False, cfg)
+    h_new = torch.where((actions == L).unsqueeze(1), h.to(z.dtype), z)
+    return h_new, it, conv, res
+
+
+@torch.library.custom_op("dynalay::dynamic_step", mutates_args=())
+def dynamic_step_op(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, tol: float, max_iter: int,
+                    solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float, backward: str,
+                    b_tol: float, b_max_iter: int, b_solver: str, b_damping: float, b_anderson_m: int,
+                    b_anderson_lam: float, b_eps: float, phantom_steps: int, phantom_damping: float, check: str,
+                    backend: str, b_backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    cfg = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps)
+    h_new, it, conv, res = _step_forward(backend, h, actions, U, W, b, cfg)
+    return h_new.to(h.dtype), it, conv, res.to(compute_dtype(h.dtype))
+
+
+@dynamic_step_op.register_fake
+def _(h, actions, U, W, b, *args):
+    torch._check(h.dim() == 2)
+    B, H = h.shape
+    return (h.new_empty(B, H), h.new_empty(B, dtype=torch.int32), h.new_empty(B, dtype=torch.bool),
+            h.new_empty(B, dtype=compute_dtype(h.dtype)))
+
+
+def _step_setup(ctx, inputs, output):
+    (h, actions, U, W, b, tol, max_iter, solver, damping, m, lam, eps, backward, b_tol, b_max_iter, b_solver,
+     b_damping, b_m, b_lam, b_eps, phantom_steps, phantom_damping, check, backend, b_backend) = inputs
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+    ctx.save_for_backward(h, output[0], actions, U, W, b)
+    ctx.backward, ctx.check, ctx.backend = backward, check, b_backend
+    ctx.bcfg = (b_tol, b_max_iter, b_solver, b_damping, b_m, b_lam, b_eps)
+    ctx.phantom = (phantom_steps, phantom_damping)
+    ctx.dtypes = (h.dtype, U.dtype, W.dtype, b.dtype)
+
+
+def _step_backward(ctx, g, g_it, g_conv, g_res):
+    nones = (None,) * 20
+    if g is None:
+        return (None,) * 25
+    h, h_new, actions, U, W, b = ctx.saved_tensors
+    L, H = U.shape[0], h.shape[1]
+    cd = compute_dtype(h.dtype)
+    nop = (actions == L).unsqueeze(1)
+    gc = g.to(cd)
+    gz = torch.where(nop, torch.zeros_like(gc), gc)
+    need_h, need_U, need_W, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3], \
+        ctx.needs_input_grad[4]
+    if ctx.backward == "phantom":
+        inj = grouped_linear(h, U, b, actions, False, ctx.backend)
+        u, dW = phantom_grads(h_new, inj, gz, W, actions, ctx.phantom[0], ctx.phantom[1], ctx.backend, need_W)
+    else:
+        u, dW = implicit_grads(h_new, gz, W, actions, ctx.bcfg, ctx.check, ctx.backend, need_W)
+    dh = dU = db = None
+    if need_h:
+        dh = grouped_linear(u, U.to(cd), None, actions, True, ctx.backend)
+        dh = torch.where(nop, gc, dh).to(ctx.dtypes[0])
+    if need_U or need_b:  # one grouped reduction for both: x = [h, 1]
+        x = torch.cat([h.to(cd), h.new_ones(h.shape[0], 1, dtype=cd)], 1)
+        dUb = grouped_wgrad(u, x, actions, L, ctx.backend)
+        dU = dUb[..., :H].to(ctx.dtypes[1]) if need_U else None
+        db = dUb[..., H].to(ctx.dtypes[3]) if need_b else None
+    dW = dW.to(ctx.dtypes[2]) if (need_W and dW is not None) else None
+    return (dh, None, dU, dW, db) + nones
+
+
+dynamic_step_op.register_autograd(_step_backward, setup_context=_step_setup)
+
+
+def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *, tol: float = 1e-4,
+                 max_iter: int = 50, solver: str = "picard", backward: str = "implicit", damping: float = 1.0,
+                 anderson_m: int = 5, anderson_lam: float = 1e-6, eps: float = 1e-12,
+                 backward_tol: Optional[float] = None, backward_max_iter: Optional[int] = None,
+                 backward_solver: Optional[str] = None, phantom_steps: int = 5, phantom_damping: float = 0.5,
+                 check: str = "warn", backend: Optional[str] = None) -> DynamicStepResult:
+    """One DynaLay step for a whole batch.
+
+    Row ``i`` with ``a_i < L`` becomes the fixed point ``z = tanh(W[a_i] z + U[a_i] h_i + b[a_i])``
+    (solved from ``z = 0`` with the per-row freeze rule of ``dynalay.fixed_point``); a row with
+    ``a_i == L`` (NOP) keeps ``h_i`` and costs nothing.  ``h``: ``(B, H)``, ``actions``: ``(B,)``
+    int64, ``U``, ``W``: ``(L, H, H)``, ``b``: ``(L, H)``.  Solver, backward and check arguments:
+    as in ``dynalay.fixed_point``.
+    """
+    check_tensor("h", h, 2)
+    B, H = h.shape
+    if B == 0:
+        raise ValueError("h is an empty batch (B=0): dynamic_step needs at least one row")
+    check_tensor("U", U, 3, dtype=h.dtype, device=h.device)
+    L = U.shape[0]
+    if L < 1 or tuple(U.shape) != (L, H, H):
+        raise ValueError(f"U must have shape (L, {H}, {H}) with L >= 1 (got {tuple(U.shape)})")
+    check_tensor("W", W, 3, dtype=h.dtype, device=h.device)
+    if tuple(W.shape) != (L, H, H):
+        raise ValueError(f"W must have shape ({L}, {H}, {H}) like U (got {tuple(W.shape)})")
+    check_tensor("b", b, 2, dtype=h.dtype, device=h.device)
+    if tuple(b.shape) != (L, H):
+        raise ValueError(f"b must have shape ({L}, {H}) (got {tuple(b.shape)})")
+    cfg = SolverConfig(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps).validate()
+    check_backward_args(backward, phantom_steps, phantom_damping, check)
+    bcfg = resolve_backward_config(cfg, backward_tol, backward_max_iter, backward_solver)
+    _check_actions(actions, B, L, h.device, check)
+    check_finite(check, h=h, U=U, W=W, b=b)
+    be = backends.select(h.device, h.dtype, (cfg.solver,), backend)
+    b_be = backends.select(h.device, h.dtype, (bcfg.solver,), backend)
+    h_new, it, conv, res = dynamic_step_op(h, actions, U, W, b, *cfg.op_args(), backward, *bcfg.op_args(),
+                                           int(phantom_steps), float(phantom_damping), check, be, b_be)
+    report("forward", conv, res, cfg.max_iter, check)
+    return DynamicStepResult(h_new, it, conv)
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch for arbitrary modules
+# --------------------------------------------------------------------------------------------
+def dispatch(x: Tensor, actions: Tensor, modules: Sequence[nn.Module]) -> Tensor:
+    """Group rows by action, run each group through its module (one call per non-empty group),
+    scatter back; rows with ``actions == len(modules)`` (NOP) pass through unchanged.  Each
+    module must map ``(n, *F)`` to ``(n, *F)``.  Differentiable (gather/scatter).  Reads the
+    group sizes once (one host sync per call: arbitrary modules need concrete shapes)."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise TypeError("x must be a torch.Tensor with a batch dimension")
+    L = len(modules)
+    if L < 1:
+        raise ValueError("modules must hold at least one module")
+    _check_actions(actions, x.shape[0], L, x.device, "warn")
+    r = route_op(actions, L, 1)
+    counts = r[0].tolist()
+    perm = r[2]
+    parts: List[Tensor] = []
+    start = 0
+    for layer, n in enumerate(counts[:L]):
+        if n:
+            idx = perm[start:start + n]
+            y = modules[layer](x.index_select(0, idx))
+            if y.shape != (n,) + tuple(x.shape[1:]):
+                raise ValueError(f"modules[{layer}] returned shape {tuple(y.shape)}; dispatch needs "
+                                 f"{(n,) + tuple(x.shape[1:])} (NOP rows pass through unchanged)")
+            parts.append(y.to(x.dtype))
+        start += n
+    if not parts:
+        return x.clone()
+    active = perm[: start]
+    return x.index_copy(0, active, torch.cat(parts, 0))
