@@ -1,0 +1,190 @@
+"""Triton backend: launchers for the kernels in ``kernels.py``.
+
+Runs CUDA tensors (fp32/fp16/bf16 inputs, fp32 math), and CPU tensors under
+``TRITON_INTERPRET=1`` (fp32/fp64; for correctness tests only).  Solver: Picard.
+
+Matmul precision: ``tl.dot`` runs in exact fp32 ("ieee") unless ``DYNALAY_TRITON_PRECISION``
+(or :func:`set_precision`) says ``tf32x3`` (3xTF32 tensor-core passes, about fp32 accuracy) or
+``tf32`` (one pass, ~1e-3 relative operand rounding: a tolerance below that may not be met).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ...ops.dispatch import route_impl
+from . import kernels as K
+
+_PRECISIONS = ("ieee", "tf32x3", "tf32")
+_precision = os.environ.get("DYNALAY_TRITON_PRECISION", "ieee")
+FAST_PATH_MAX_H = 128  # next_pow2(H) up to this keeps W resident on chip
+
+
+def set_precision(p: str) -> None:
+    global _precision
+    if p not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS} (got {p!r})")
+    _precision = p
+
+
+def get_precision() -> str:
+    if _precision not in _PRECISIONS:
+        raise ValueError(f"DYNALAY_TRITON_PRECISION must be one of {_PRECISIONS} (got {_precision!r})")
+    return _precision
+
+
+def _interp() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if (dtype == torch.float64 or _interp()) else get_precision()
+
+
+def _np2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def solve_config(H: int, dtype: torch.dtype) -> Tuple[bool, int, int, int]:
+    """(fast_path, BM, BH_or_BN, num_warps) for a solve of width H."""
+    BH = max(16, _np2(H))
+    if BH <= FAST_PATH_MAX_H:
+        if BH <= 32:
+            return True, 32, BH, 4
+        if BH <= 64:
+            return True, 32, BH, 4
+        return True, 16, BH, 8
+    return False, 32, 64, 4
+
+
+def _route(actions: Tensor, L: int, BM: int):
+    return route_impl(actions, L, BM)
+
+
+def _launch_solve(C: Tensor, W: Tensor, D: Optional[Tensor], Z0: Optional[Tensor], Z: Tensor, ITERS: Tensor,
+                  RES: Tensor, CONV: Tensor, routing, adjoint: bool, tol: float, max_iter: int, damping: float,
+                  eps: float) -> None:
+    B, H = C.shape
+    if B == 0:
+        return
+    is_f64 = C.dtype == torch.float64
+    fast, BM, BX, warps = solve_config(H, C.dtype)
+    grouped = routing is not None
+    if grouped:
+        _, offsets, perm, tile_layer, tile_start, num_tiles = routing
+        grid = (tile_layer.shape[0],)
+    else:
+        offsets = perm = tile_layer = tile_start = num_tiles = ITERS  # unused dummies
+        grid = (triton_cdiv(B, BM),)
+    d = D if D is not None else C
+    z0 = Z0 if Z0 is not None else C
+    common = dict(ADJOINT=adjoint, HAS_Z0=Z0 is not None, GROUPED=grouped, EXACT=damping == 1.0, IS_F64=is_f64,
+                  BM=BM, PREC=_prec(C.dtype), USE_LIBDEVICE=not _interp(), num_warps=warps)
+    if fast:
+        K._fp_solve_kernel[grid](C, W, d, z0, Z, ITERS, RES, CONV, perm, tile_layer, tile_start, offsets,
+                                 num_tiles, B, H, float(tol), float(eps), float(damping), int(max_iter),
+                                 BH=BX, **common)
+    else:
+        scr = torch.empty(2, B, H, device=C.device, dtype=torch.float64 if is_f64 else torch.float32)
+        K._fp_solve_tiled_kernel[grid](C, W, d, z0, Z, ITERS, RES, CONV, perm, tile_layer, tile_start, offsets,
+                                       num_tiles, scr, B, H, float(tol), float(eps), float(damping), int(max_iter),
+                                       BN=BX, BK=BX, **common)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _outputs(C: Tensor, out_dtype: torch.dtype, actions: Optional[Tensor], L: int, z_init: Optional[Tensor]):
+    B, H = C.shape
+    cd = torch.float64 if C.dtype == torch.float64 else torch.float32
+    if actions is None:
+        Z = torch.empty(B, H, device=C.device, dtype=out_dtype)
+        CONV = torch.empty(B, device=C.device, dtype=torch.bool)
+    else:  # NOP rows are not in any tile: pre-fill them (z0 or 0, converged, 0 iterations)
+        Z = z_init.to(out_dtype).clone() if z_init is not None else torch.zeros(B, H, device=C.device,
+                                                                               dtype=out_dtype)
+        CONV = actions == L
+    ITERS = torch.zeros(B, device=C.device, dtype=torch.int32)
+    RES = torch.zeros(B, device=C.device, dtype=cd)
+    return Z, ITERS, RES, CONV
+
+
+def fp_solve(c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor], z0: Optional[Tensor],
+             adjoint: bool, tol: float, max_iter: int, solver: str, damping: float, m: int, lam: float, eps: float):
+    if solver != "picard":
+        raise RuntimeError("dynalay triton backend: only solver='picard' is implemented")
+    c, W = c.contiguous(), W.contiguous()
+    d = None if d is None else d.contiguous()
+    z0 = None if z0 is None else z0.contiguous()
+    L = W.shape[0]
+    Z, ITERS, RES, CONV = _outputs(c, c.dtype, actions, L, z0)
+    routing = None
+    if actions is not None:
+        _, BM, _, _ = solve_config(c.shape[1], c.dtype)
+        routing = _route(actions, L, BM)
+    _launch_solve(c, W, d, z0, Z, ITERS, RES, CONV, routing, adjoint, tol, max_iter, damping, eps)
+    return Z, ITERS, RES, CONV
+
+
+def _launch_linear(x: Tensor, U: Tensor, b: Optional[Tensor], y: Tensor, routing, transpose: bool, BM: int):
+    N = U.shape[2] if transpose else U.shape[1]
+    Kd = x.shape[1]
+    _, offsets, perm, tile_layer, tile_start, num_tiles = routing
+    BN = min(64, max(16, _np2(N)))
+    BK = min(64, max(16, _np2(Kd)))
+    grid = (tile_layer.shape[0], triton_cdiv(N, BN))
+    K._grouped_linear_kernel[grid](x, U, b if b is not None else U, y, perm, tile_layer, tile_start, offsets,
+                                   num_tiles, N, Kd, HAS_BIAS=b is not None, TRANSPOSE=transpose,
+                                   IS_F64=x.dtype == torch.float64, BM=BM, BN=BN, BK=BK, PREC=_prec(x.dtype),
+                                   num_warps=4)
+
+
+def grouped_linear(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, transpose: bool) -> Tensor:
+    x, U = x.contiguous(), U.contiguous()
+    b = None if b is None else b.contiguous()
+    L = U.shape[0]
+    N = U.shape[2] if transpose else U.shape[1]
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.zeros(x.shape[0], N, device=x.device, dtype=cd)
+    if x.shape[0]:
+        BM = 32
+        _launch_linear(x, U, b, y, _route(actions, L, BM), transpose, BM)
+    return y
+
+
+def grouped_wgrad(u: Tensor, x: Tensor, actions: Optional[Tensor], num_layers: int) -> Tensor:
+    if actions is None:  # one layer: a plain GEMM (cuBLAS is deterministic for a fixed shape)
+        return (u.t() @ x).unsqueeze(0)
+    u, x = u.contiguous(), x.contiguous()
+    N, Kd = u.shape[1], x.shape[1]
+    out = torch.empty(num_layers, N, Kd, device=u.device, dtype=u.dtype)
+    _, offsets, perm, _, _, _ = _route(actions, num_layers, 32)
+    BN = min(64, max(16, _np2(N)))
+    BK = min(64, max(16, _np2(Kd)))
+    grid = (num_layers, triton_cdiv(N, BN), triton_cdiv(Kd, BK))
+    K._grouped_wgrad_kernel[grid](u, x, out, perm, offsets, N, Kd, IS_F64=u.dtype == torch.float64, BM=32, BN=BN,
+                                  BK=BK, PREC=_prec(u.dtype), num_warps=4)
+    return out
+
+
+def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, tol: float, max_iter: int, solver: str,
+                 damping: float, m: int, lam: float, eps: float):
+    """Fused DynaLay step: one routing, then one grouped-linear launch (inj = U[a] h + b[a]) and one
+    solve launch over the tiles of all layers.  NOP rows keep h."""
+    if solver != "picard":
+        raise RuntimeError("dynalay triton backend: only solver='picard' is implemented")
+    h, U, W, b = h.contiguous(), U.contiguous(), W.contiguous(), b.contiguous()
+    B, H = h.shape
+    L = U.shape[0]
+    _, BM, _, _ = solve_config(H, h.dtype)
+    routing = _route(actions, L, BM)
+    cd = torch.float64 if h.dtype == torch.float64 else torch.float32
+    inj = torch.empty(B, H, device=h.device, dtype=cd)  # NOP rows are never read
+    _launch_linear(h, U, b, inj, routing, False, BM)
+    Z, ITERS, RES, CONV = _outputs(inj, h.dtype, actions, L, h)
+    _launch_solve(inj, W, None, None, Z, ITERS, RES, CONV, routing, False, tol, max_iter, damping, eps)
+    return Z, ITERS, CONV, RES

@@ -1,0 +1,215 @@
+"""route, dynamic_step and dispatch on every CPU backend (torch, cpp, triton interpreter)
+against a per-row float64 reference loop."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import dynalay
+from dynalay.nn import DynamicFPIStep
+from helpers import (assert_close, assert_iters, make_actions, make_step_params, ref_dynamic_step, rel_err)
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ["torch", "cpp"] + (["triton"] if INTERP else [])
+PATTERNS = ["uniform", "skew", "empty", "allnop", "onelayer"]
+
+
+@pytest.mark.parametrize("B,L,BM", [(1, 1, 4), (37, 3, 4), (64, 4, 16), (5, 2, 32), (0, 3, 8)])
+@pytest.mark.parametrize("kind", PATTERNS)
+def test_route_metadata(B, L, BM, kind, gen):
+    a = make_actions(kind, B, L, gen)
+    r = dynalay.route(a, L, BM)
+    T = (B + BM - 1) // BM + L
+    assert r.counts.shape == (L + 1,) and r.offsets.shape == (L + 2,) and r.perm.shape == (B,)
+    assert r.tile_layer.shape == (T,) and r.tile_row_start.shape == (T,) and r.num_tiles.shape == (1,)
+    assert torch.equal(r.counts, torch.bincount(a, minlength=L + 1))
+    assert torch.equal(r.offsets[1:], torch.cumsum(r.counts, 0))
+    assert torch.equal(r.perm, torch.sort(a, stable=True).indices)  # stable: NOP last, in order
+    n_tiles = int(((r.counts[:L] + BM - 1) // BM).sum())
+    assert int(r.num_tiles) == n_tiles
+    assert (r.tile_layer[n_tiles:] == -1).all() and (r.tile_layer[:n_tiles] >= 0).all()
+    covered = []
+    for t in range(n_tiles):
+        l, s = int(r.tile_layer[t]), int(r.tile_row_start[t])
+        e = min(s + BM, int(r.offsets[l + 1]))
+        assert int(r.offsets[l]) <= s < int(r.offsets[l + 1])
+        covered += list(range(s, e))
+    assert covered == list(range(int(r.offsets[L])))  # every non-NOP row exactly once, in order
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", PATTERNS + ["nop90"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dynamic_step_matches_per_row_reference(backend, kind, dtype, gen):
+    B, H, L = (40, 20, 3) if backend != "triton" else (24, 20, 3)
+    h, U, W, b = make_step_params(B, H, L, dtype, gen)
+    a = make_actions(kind, B, L, gen)
+    r = dynalay.dynamic_step(h, a, U, W, b, backend=backend, max_iter=200)
+    ref, it, conv, amb = ref_dynamic_step(h, a, U, W, b, max_iter=200, band=1e-2)
+    assert r.h.dtype == dtype and r.h.shape == (B, H)
+    assert conv.all() and r.converged.all()
+    assert_iters(r.iters, it, amb)
+    assert_close(r.h, ref, dtype, what="h")
+    nop = a == L
+    assert torch.equal(r.h[nop], h[nop]) and (r.iters[nop] == 0).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("kind", ["uniform", "skew", "allnop"])
+def test_dynamic_step_gradients_match_torch_ref(backend, kind, gen):
+    B, H, L = 30, 24, 3
+    params = make_step_params(B, H, L, torch.float64, gen)
+    a = make_actions(kind, B, L, gen)
+    G = torch.randn(B, H, generator=gen, dtype=torch.float64)
+    grads = []
+    for be in ("torch", backend):
+        ps = [p.clone().requires_grad_() for p in params]
+        r = dynalay.dynamic_step(ps[0], a, *ps[1:], backend=be, tol=1e-10, max_iter=300)
+        (r.h * G).sum().backward()
+        grads.append([p.grad for p in ps])
+    for name, g0, g1 in zip("hUWb", *grads):
+        assert rel_err(g1, g0) < 1e-9, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backward", ["implicit", "phantom"])
+def test_dynamic_step_gradcheck(backend, backward, gen):
+    B, H, L = 6, 5, 2
+    h, U, W, b = make_step_params(B, H, L, torch.float64, gen)
+    ps = [p.requires_grad_() for p in (h, U, W * (0.5 / 0.9), b)]  # ||W|| = 0.5: fast tight solves
+    a = torch.tensor([0, 2, 1, 1, 2, 0])
+    if backward == "implicit":
+        f = lambda h, U, W, b: dynalay.dynamic_step(h, a, U, W, b, tol=1e-13, max_iter=500, backend=backend).h
+        # the interpreter is slow: check a random projection of the Jacobian there (fast_mode)
+        assert torch.autograd.gradcheck(f, tuple(ps), eps=1e-6, atol=1e-7, fast_mode=backend == "triton")
+    else:  # phantom is a different (approximate) gradient: check it is the k-step backprop
+        r = dynalay.dynamic_step(*ps[:1], a, *ps[1:], tol=1e-12, max_iter=300, backend=backend, backward="phantom",
+                                 phantom_steps=2, phantom_damping=0.7)
+        r.h.sum().backward()
+        h, U, W, b = [p.detach().clone().requires_grad_() for p in ps]
+        act = (a < L).unsqueeze(1)
+        inj = torch.stack([U[i] @ h[i] + b[i] if False else U[min(int(a[i]), L - 1)] @ h[i] + b[min(int(a[i]), L - 1)]
+                           for i in range(B)])
+        z = r.h.detach()
+        for _ in range(2):
+            Wz = torch.stack([W[min(int(a[i]), L - 1)] @ z[i] for i in range(B)])
+            z = torch.where(act, 0.3 * z + 0.7 * torch.tanh(Wz + inj), z)
+        z = torch.where(act, z, h)
+        z.sum().backward()
+        for p, q in zip(ps, (h, U, W, b)):
+            assert rel_err(p.grad, q.grad) < 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dynamic_step_deterministic(backend, gen):
+    params = make_step_params(48, 24, 3, torch.float32, gen)
+    a = make_actions("skew", 48, 3, gen)
+    outs = []
+    for _ in range(2):
+        ps = [p.clone().requires_grad_() for p in params]
+        r = dynalay.dynamic_step(ps[0], a, *ps[1:], backend=backend)
+        r.h.square().sum().backward()
+        outs.append([r.h.detach(), r.iters] + [p.grad for p in ps])
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_route_and_dynamic_step(backend, gen):
+    from torch.library import opcheck
+    a = torch.tensor([0, 2, 1, 1, 2, 0, 1])
+    opcheck(torch.ops.dynalay.route, (a, 2, 4))
+    opcheck(torch.ops.dynalay.route, (torch.full((3,), 2), 2, 16))
+    for rg in (True, False):
+        h, U, W, b = [p.requires_grad_(rg) for p in make_step_params(7, 5, 2, torch.float64, gen)]
+        args = (h, a, U, W, b, 1e-8, 200, "picard", 1.0, 5, 1e-6, 1e-12, "implicit", 1e-8, 200, "picard", 1.0, 5,
+                1e-6, 1e-12, 3, 0.5, "none", backend, backend)
+        opcheck(torch.ops.dynalay.dynamic_step, args)
+
+
+def test_torch_compile_fullgraph_dynamic_step(gen):
+    step = DynamicFPIStep(3, 16, check="none", tol=1e-6, max_iter=100).double()
+    h = torch.randn(20, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = make_actions("uniform", 20, 3, gen)
+
+    def f(h, a):
+        r = dynalay.dynamic_step(h, a, step.U, step.W * 0.5, step.b, check="none", tol=1e-6, max_iter=100)
+        routing = dynalay.route(a, 3, 8, check="none")
+        return r.h.square().sum() + routing.counts.sum() * 0
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(h, a)
+    out.backward()
+    g = h.grad.clone()
+    h.grad = None
+    ref = f(h, a)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, h.grad)
+
+
+def test_dynamic_fpi_step_module(gen):
+    torch.manual_seed(0)
+    step = DynamicFPIStep(4, 12, tol=1e-6)
+    h = torch.randn(9, 12)
+    a = make_actions("uniform", 9, 4, gen)
+    r = step(h, a)
+    assert r.h.shape == (9, 12) and step.last_result is not None
+    r.h.sum().backward()
+    assert step.U.grad is not None and step.W.grad is not None and step.b.grad is not None
+    step.eval()
+    sig = torch.linalg.matrix_norm(step.effective_weight().detach(), 2)
+    assert (sig <= 0.9 * 1.02).all()
+
+
+@pytest.mark.parametrize("kind", ["uniform", "allnop", "onelayer"])
+def test_dispatch_arbitrary_modules(kind, gen):
+    torch.manual_seed(0)
+    mods = nn.ModuleList([nn.Linear(6, 6), nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Identity()])
+    x = torch.randn(13, 6, requires_grad=True)
+    a = make_actions(kind, 13, 3, gen)
+    y = dynalay.dispatch(x, a, mods)
+    ref = torch.stack([mods[int(a[i])](x[i:i + 1])[0] if a[i] < 3 else x[i] for i in range(13)])
+    torch.testing.assert_close(y, ref)
+    y.square().sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    ref.square().sum().backward()
+    torch.testing.assert_close(g, x.grad)
+
+
+def test_nop_rows_cost_nothing(gen):
+    h, U, W, b = make_step_params(10, 8, 2, torch.float32, gen)
+    a = torch.full((10,), 2)
+    r = dynalay.dynamic_step(h, a, U, W, b)
+    assert torch.equal(r.h, h) and (r.iters == 0).all() and r.converged.all()
+
+
+BAD = [
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h, a + 5, U, W, b), ValueError, "actions must lie in"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h, a - 5, U, W, b), ValueError, "actions must lie in"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h, a.float(), U, W, b), TypeError, "actions must be int64"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h, a[:3], U, W, b), ValueError, "actions must have shape"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h[:, :3], a, U, W, b), ValueError, "U must have shape"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h, a, U, W[:1], b), ValueError, "W must have shape"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h, a, U, W, b[:, :2]), ValueError, "b must have shape"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h, a, U.double(), W, b), TypeError, "U has dtype"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h[:0], a[:0], U, W, b), ValueError, "empty batch"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h, a, U, W, b, tol=0), ValueError, "tol"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h, a, U, W, b, stop_mode="abs"), TypeError, "stop_mode"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h, a, U[:0], W[:0], b[:0]), ValueError, "U must have shape"),
+    (lambda h, a, U, W, b: dynalay.dynamic_step(h.clone().fill_(float("nan")), a, U, W, b), ValueError, "h contains"),
+    (lambda h, a, U, W, b: dynalay.route(a, 0), ValueError, "num_layers"),
+    (lambda h, a, U, W, b: dynalay.route(a, 2, 0), ValueError, "block_m"),
+    (lambda h, a, U, W, b: dynalay.dispatch(h, a, []), ValueError, "modules"),
+    (lambda h, a, U, W, b: dynalay.dispatch(h, a, [nn.Linear(8, 3), nn.Linear(8, 3)]), ValueError, "returned shape"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_input(case, gen):
+    fn, exc, match = BAD[case]
+    h, U, W, b = make_step_params(6, 8, 2, torch.float32, gen)
+    a = torch.tensor([0, 1, 2, 0, 1, 1])
+    with pytest.raises(exc, match=match):
+        fn(h, a, U, W, b)

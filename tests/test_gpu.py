@@ -1,0 +1,140 @@
+"""GPU tests (CUDA tensors): the torch_ref backend on CUDA against float64 CPU references, and
+the Triton kernels against torch_ref, for fp32/fp16/bf16 inputs, odd and large shapes, the
+tiled path, grouped dispatch and gradients.  Reported as skipped where there is no CUDA device."""
+import pytest
+import torch
+
+import dynalay
+from dynalay import backends
+from helpers import make_actions, make_step_params, make_W, ref_solve, rel_err
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+LOWP = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def problem(B, H, dtype, gen, kind="gauss"):
+    W = make_W(H, kind=kind, gen=gen)
+    inj = torch.randn(B, H, generator=gen, dtype=torch.float64)
+    return inj.to(DEV, dtype), W.to(DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,H", [(1, 1), (7, 20), (64, 64), (33, 100)])
+def test_torch_ref_on_cuda_matches_float64_reference(B, H, dtype, gen):
+    inj, W = problem(B, H, dtype, gen)
+    r = dynalay.fixed_point(inj, W, backend="torch", max_iter=300)
+    z, it, _, conv, amb = ref_solve(inj.cpu(), W.cpu(), max_iter=300, band=1e-2)
+    assert r.z.is_cuda and r.converged.all()
+    assert ((r.iters.cpu().long() - it.long()).abs() <= 1).all()
+    assert (r.z.cpu().double() - z).abs().max() < (1e-10 if dtype == torch.float64 else 2e-5)
+    i_ = inj.clone().requires_grad_()
+    W_ = W.clone().requires_grad_()
+    dynalay.fixed_point(i_, W_, backend="torch", max_iter=300).z.sum().backward()
+    i2, W2 = inj.cpu().clone().requires_grad_(), W.cpu().clone().requires_grad_()
+    dynalay.fixed_point(i2, W2, backend="torch", max_iter=300).z.sum().backward()
+    assert rel_err(i_.grad.cpu(), i2.grad) < (1e-9 if dtype == torch.float64 else 1e-4)
+    assert rel_err(W_.grad.cpu(), W2.grad) < (1e-9 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("B,H", [(1, 20), (1000, 20), (513, 64), (8192, 100), (4096, 128), (300, 256), (64, 1024)])
+def test_triton_fp32_forward_and_gradients(B, H, gen):
+    inj, W = problem(B, H, torch.float32, gen)
+    G = torch.randn(B, H, device=DEV)
+    res = {}
+    for be in ("torch", "triton"):
+        i_, W_ = inj.clone().requires_grad_(), W.clone().requires_grad_()
+        r = dynalay.fixed_point(i_, W_, backend=be, max_iter=100)
+        (r.z * G).sum().backward()
+        res[be] = (r, i_.grad, W_.grad)
+    a, t = res["torch"][0], res["triton"][0]
+    assert t.converged.all() and torch.isfinite(t.z).all()
+    assert (t.iters.long() - a.iters.long()).abs().max() <= 1
+    assert (t.iters != a.iters).float().mean() < 0.02
+    assert (t.z - a.z).abs().max() < 1e-4
+    assert rel_err(res["triton"][1], res["torch"][1]) < 1e-4
+    assert rel_err(res["triton"][2], res["torch"][2]) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("H", [64, 128, 512])
+def test_triton_low_precision_inputs_iterate_in_fp32(dtype, H, gen):
+    inj, W = problem(2048, H, torch.float32, gen)
+    ref = dynalay.fixed_point(inj.to(dtype).float(), W.to(dtype).float(), backend="torch", max_iter=100)
+    t = dynalay.fixed_point(inj.to(dtype), W.to(dtype), backend="triton", max_iter=100)
+    assert t.z.dtype == dtype and t.residual.dtype == torch.float32 and t.converged.all()
+    # iterating in fp32 on the dtype-rounded inputs: only the final cast differs
+    assert (t.z.float() - ref.z).abs().max() < LOWP[dtype]
+    assert (t.iters.long() - ref.iters.long()).abs().max() <= 1
+
+
+def test_triton_outputs_fully_written(gen):
+    inj, W = problem(999, 100, torch.float32, gen)
+    torch.empty(64 << 20, device=DEV).fill_(float("nan"))  # poison the caching allocator's memory
+    r = dynalay.fixed_point(inj, W, backend="triton")
+    assert torch.isfinite(r.z).all() and torch.isfinite(r.residual).all() and (r.iters > 0).all()
+
+
+@pytest.mark.parametrize("kind", ["uniform", "skew", "empty", "allnop", "onelayer", "nop90"])
+@pytest.mark.parametrize("H", [20, 64, 128, 256])
+def test_triton_dynamic_step(kind, H, gen):
+    B, L = 3000, 4
+    params = [p.to(DEV) for p in make_step_params(B, H, L, torch.float32, gen)]
+    a = make_actions(kind, B, L, gen).to(DEV)
+    G = torch.randn(B, H, device=DEV)
+    out = {}
+    for be in ("torch", "triton"):
+        ps = [p.clone().requires_grad_() for p in params]
+        r = dynalay.dynamic_step(ps[0], a, *ps[1:], backend=be, max_iter=100)
+        (r.h * G).sum().backward()
+        out[be] = (r, [p.grad for p in ps])
+    (ra, ga), (rt, gt) = out["torch"], out["triton"]
+    assert (rt.h - ra.h).abs().max() < 1e-4
+    assert (rt.iters.long() - ra.iters.long()).abs().max() <= 1
+    assert torch.equal(rt.converged, ra.converged)
+    nop = a == L
+    assert torch.equal(rt.h[nop], params[0][nop])
+    for name, x, y in zip("hUWb", gt, ga):
+        assert rel_err(x, y) < 1e-4, name
+
+
+def test_triton_deterministic_on_gpu(gen):
+    params = [p.to(DEV) for p in make_step_params(4096, 128, 4, torch.float32, gen)]
+    a = make_actions("skew", 4096, 4, gen).to(DEV)
+    outs = []
+    for _ in range(2):
+        ps = [p.clone().requires_grad_() for p in params]
+        r = dynalay.dynamic_step(ps[0], a, *ps[1:], backend="triton")
+        r.h.square().sum().backward()
+        outs.append([r.h.detach(), r.iters] + [p.grad for p in ps])
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("prec", ["tf32x3", "tf32"])
+def test_triton_tensor_core_precisions(prec, gen):
+    from dynalay.backends import triton as tb
+    inj, W = problem(4096, 128, torch.float32, gen)
+    ref = dynalay.fixed_point(inj, W, backend="torch")
+    try:
+        tb.set_precision(prec)
+        r = dynalay.fixed_point(inj, W, backend="triton", tol=1e-4 if prec == "tf32x3" else 3e-3, check="none")
+    finally:
+        tb.set_precision("ieee")
+    assert (r.z - ref.z).abs().max() < (1e-4 if prec == "tf32x3" else 3e-2)
+    if prec == "tf32x3":
+        assert r.converged.all()
+
+
+def test_auto_selection_on_cuda():
+    assert backends.select(DEV, torch.float32) in ("triton", "cuda")
+    assert backends.select(DEV, torch.float32, ("anderson",)) == "torch"
+    assert backends.select(DEV, torch.float64) == "torch"
+
+
+def test_fpilayer_on_cuda():
+    layer = dynalay.nn.FPILayer(16, 128).to(DEV)
+    x = torch.randn(512, 16, device=DEV)
+    z = layer(x)
+    z.sum().backward()
+    assert layer.last_stats.converged.all() and layer.weight.grad is not None
