@@ -1,0 +1,366 @@
+"""GPU benchmark of the fused fixed-point kernels and the grouped dispatch (one call).
+
+Problem (same for every provider): f(z) = tanh(z W^T + inj), ||W||_2 = 0.9 (Gaussian W rescaled),
+inj ~ N(0, 1), tol 1e-4 relative per row, max 50 iterations.
+
+Providers (fixed point): triton (dynalay, exact fp32 dot), triton_tf32x3 (dynalay, 3xTF32 tensor
+cores), cuda (dynalay CUDA C++), eager (plain PyTorch loop, batch-max stop via .item()), compiled
+(the same loop with its step under torch.compile), torchdeq (0.1.0, fixed_point_iter, ift=True).
+Dispatch (L=4 layers + NOP): triton / cuda dynamic_step, per_layer_loop (index_select + eager solve
++ index_copy per layer), dense (every layer on the whole batch, then gather).
+
+Times are medians of triton.testing.do_bench (CUDA events).  TFLOP/s counts the row-iterations
+actually computed (sum over rows of iters * 2 H^2); the floor is that work at the measured
+matmul peak of the card.  Usage: python benchmarks/gpu_bench.py --out DIR [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import dynalay  # noqa: E402
+from dynalay import backends  # noqa: E402
+
+TOL, MAX_ITER = 1e-4, 50
+
+
+def bench(fn, dev):
+    if dev == "cuda":
+        import triton.testing
+        fn()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[2] * 1e3
+
+
+def make_W(H, dev, dtype, L=None, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (L, H, H) if L else (H, H)
+    W = torch.randn(*shape, generator=g, dtype=torch.float64)
+    W = 0.9 * W / torch.linalg.matrix_norm(W, 2)[..., None, None]
+    return W.to(dev, dtype)
+
+
+def eager_solve(inj, W, tol=TOL, max_iter=MAX_ITER):
+    z = torch.zeros_like(inj)
+    it = 0
+    for it in range(1, max_iter + 1):
+        fz = torch.tanh(z @ W.t() + inj)
+        r = (fz - z).float().norm(dim=1) / (fz.float().norm(dim=1) + 1e-12)
+        z = fz
+        if r.max().item() < tol:
+            break
+    return z, it
+
+
+_compiled_step = None
+
+
+def compiled_solve(inj, W, tol=TOL, max_iter=MAX_ITER):
+    global _compiled_step
+    if _compiled_step is None:
+        def step(z, W, inj):
+            fz = torch.tanh(z @ W.t() + inj)
+            r = (fz - z).float().norm(dim=1) / (fz.float().norm(dim=1) + 1e-12)
+            return fz, r.max()
+        _compiled_step = torch.compile(step, dynamic=True)
+    z = torch.zeros_like(inj)
+    it = 0
+    for it in range(1, max_iter + 1):
+        z, rmax = _compiled_step(z, W, inj)
+        if rmax.item() < tol:
+            break
+    return z, it
+
+
+def torchdeq_solver():
+    from torchdeq import get_deq
+    return get_deq(f_solver="fixed_point_iter", f_max_iter=MAX_ITER, f_tol=TOL, f_stop_mode="rel", ift=True,
+                   b_solver="fixed_point_iter", b_max_iter=MAX_ITER, b_tol=TOL, b_stop_mode="rel")
+
+
+def fp_provider(name, dev):
+    if name in ("triton", "triton_tf32x3", "cuda", "torch"):
+        be = "triton" if name.startswith("triton") else name
+
+        def run(inj, W):
+            r = dynalay.fixed_point(inj, W, tol=TOL, max_iter=MAX_ITER, backend=be, check="none")
+            return r.z, r.iters
+        return run
+    if name == "eager":
+        return lambda inj, W: eager_solve(inj, W)
+    if name == "compiled":
+        return lambda inj, W: compiled_solve(inj, W)
+    if name == "torchdeq":
+        deq = torchdeq_solver()
+
+        def run(inj, W):
+            zs, info = deq(lambda z: torch.tanh(z @ W.t() + inj), torch.zeros_like(inj))
+            return zs[-1], int(info["nstep"].max()) if "nstep" in info else -1
+        return run
+    raise ValueError(name)
+
+
+def measure_peaks(dev):
+    peaks = {}
+    if dev != "cuda":
+        return {"fp32": 1.0, "tf32": 1.0, "bf16": 1.0}
+    n = 8192
+    for key, dt, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("bf16", torch.bfloat16,
+                                                                                             False)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        a = torch.randn(n, n, device=dev, dtype=dt)
+        b = torch.randn(n, n, device=dev, dtype=dt)
+        ms = bench(lambda: a @ b, dev)
+        peaks[key] = 2 * n ** 3 / (ms * 1e-3) / 1e12
+        del a, b
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return peaks
+
+
+def run_fixed_point(args, dev, log, rows):
+    from dynalay.backends import triton as tb
+    peaks = measure_peaks(dev)
+    log(f"measured matmul peaks (TFLOP/s, 8192^3): {json.dumps({k: round(v, 1) for k, v in peaks.items()})}")
+    Bs = [1024, 8192, 65536] if not args.quick else [64, 256]
+    Hs = [64, 128, 256, 512] if not args.quick else [32, 160]
+    dtypes = [torch.float32, torch.bfloat16] if dev == "cuda" else [torch.float32]
+    provs = ["triton", "triton_tf32x3", "cuda", "eager", "compiled", "torchdeq"] if dev == "cuda" else \
+        ["torch", "eager", "compiled", "torchdeq"]
+    avail = {p: not backends.not_supported_reasons("triton" if p.startswith("triton") else p, dev, torch.float32)
+             for p in ("triton", "triton_tf32x3", "cuda", "torch")}
+    for dt in dtypes:
+        for H in Hs:
+            for B in Bs:
+                g = torch.Generator(device="cpu").manual_seed(B + H)
+                inj = torch.randn(B, H, generator=g).to(dev, dt)
+                W = make_W(H, dev, dt)
+                G = torch.randn(B, H, generator=g).to(dev, dt)
+                ref_iters = None
+                for p in provs:
+                    if p in avail and not avail[p]:
+                        continue
+                    if p == "torchdeq" and dt != torch.float32:
+                        continue
+                    for mode in ("fwd", "fwdbwd"):
+                        rec = dict(kind="fixed_point", provider=p, B=B, H=H, dtype=str(dt).split(".")[-1], mode=mode)
+                        try:
+                            tb.set_precision("tf32x3" if p == "triton_tf32x3" else "ieee")
+                            fn = fp_provider(p, dev)
+                            if mode == "fwd":
+                                def call():
+                                    with torch.no_grad():
+                                        return fn(inj, W)
+                            else:
+                                def call():
+                                    i_ = inj.detach().requires_grad_()
+                                    W_ = W.detach().requires_grad_()
+                                    z, _ = fn(i_, W_)
+                                    (z * G).sum().backward()
+                            out = call() if mode == "fwd" else None
+                            ms = bench(call, dev)
+                            rec["ms"] = ms
+                            if mode == "fwd" and out is not None:
+                                its = out[1]
+                                if torch.is_tensor(its):
+                                    rec["mean_iters"] = float(its.float().mean())
+                                    rec["max_iters"] = int(its.max())
+                                    work = float(its.double().sum()) * 2 * H * H
+                                    if p == "triton" and ref_iters is None:
+                                        ref_iters = rec["mean_iters"]
+                                else:
+                                    rec["batch_iters"] = its
+                                    work = its * B * 2 * H * H
+                                rec["tflops"] = work / (ms * 1e-3) / 1e12
+                                mi = ref_iters if ref_iters is not None else rec.get("mean_iters")
+                                if mi is not None:
+                                    peak = peaks["tf32"] / 3 if p == "triton_tf32x3" else peaks["fp32"]
+                                    rec["floor_ms"] = mi * B * 2 * H * H / (peak * 1e12) * 1e3
+                        except Exception as e:  # noqa: BLE001 - record and go on
+                            rec["error"] = f"{type(e).__name__}: {e}"[:300]
+                            log(traceback.format_exc()[-1500:])
+                        finally:
+                            tb.set_precision("ieee")
+                        rows.append(rec)
+                        log(json.dumps(rec))
+                del inj, W, G
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+    return peaks
+
+
+def per_layer_loop(h, a, U, W, b, L):
+    out = h.clone()
+    for layer in range(L):
+        rows = (a == layer).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        inj = h.index_select(0, rows) @ U[layer].t() + b[layer]
+        z, _ = eager_solve(inj, W[layer])
+        out = out.index_copy(0, rows, z)
+    return out
+
+
+def dense(h, a, U, W, b, L):
+    outs = [eager_solve(h @ U[layer].t() + b[layer], W[layer])[0] for layer in range(L)]
+    outs.append(h)
+    stacked = torch.stack(outs, 0)
+    return stacked.gather(0, a.view(1, -1, 1).expand(1, -1, h.shape[1])).squeeze(0)
+
+
+def run_dispatch(args, dev, log, rows):
+    L = 4
+    Bs = [4096] if not args.quick else [128]
+    Hs = [64, 128] if not args.quick else [32]
+    provs = (["triton", "cuda"] if dev == "cuda" else ["torch", "cpp"]) + ["per_layer_loop", "dense"]
+    for H in Hs:
+        for B in Bs:
+            g = torch.Generator(device="cpu").manual_seed(7 + H)
+            h = torch.randn(B, H, generator=g).to(dev)
+            U = (torch.randn(L, H, H, generator=g) / math.sqrt(H)).to(dev)
+            W = make_W(H, dev, torch.float32, L=L, seed=H)
+            b = (0.1 * torch.randn(L, H, generator=g)).to(dev)
+            G = torch.randn(B, H, generator=g).to(dev)
+            for skew in ("uniform", "skew"):
+                for nop in (0.0, 0.5, 0.9):
+                    r = torch.rand(B, generator=g)
+                    layer = torch.randint(0, L, (B,), generator=g)
+                    if skew == "skew":
+                        layer = torch.where(torch.rand(B, generator=g) < 0.9, torch.zeros_like(layer), layer)
+                    a = torch.where(r < nop, torch.full_like(layer, L), layer).to(dev)
+                    for p in provs:
+                        if p in ("triton", "cuda", "cpp") and backends.not_supported_reasons(p, dev, torch.float32):
+                            continue
+                        for mode in ("fwd", "fwdbwd"):
+                            rec = dict(kind="dispatch", provider=p, B=B, H=H, L=L, nop=nop, actions=skew, mode=mode)
+                            try:
+                                if p in ("triton", "cuda", "torch", "cpp"):
+                                    fn = lambda h_, U_, W_, b_, p=p: dynalay.dynamic_step(
+                                        h_, a, U_, W_, b_, tol=TOL, max_iter=MAX_ITER, backend=p, check="none").h
+                                elif p == "per_layer_loop":
+                                    fn = lambda h_, U_, W_, b_: per_layer_loop(h_, a, U_, W_, b_, L)
+                                else:
+                                    fn = lambda h_, U_, W_, b_: dense(h_, a, U_, W_, b_, L)
+                                if mode == "fwd":
+                                    def call():
+                                        with torch.no_grad():
+                                            fn(h, U, W, b)
+                                else:
+                                    def call():
+                                        ps = [x.detach().requires_grad_() for x in (h, U, W, b)]
+                                        (fn(*ps) * G).sum().backward()
+                                rec["ms"] = bench(call, dev)
+                            except Exception as e:  # noqa: BLE001
+                                rec["error"] = f"{type(e).__name__}: {e}"[:300]
+                                log(traceback.format_exc()[-1500:])
+                            rows.append(rec)
+                            log(json.dumps(rec))
+
+
+def table(rows, peaks, device, cmd):
+    def get(**kw):
+        for r in rows:
+            if all(r.get(k) == v for k, v in kw.items()) and "ms" in r:
+                return r
+        return None
+
+    out = [f"# dynalay GPU benchmark: {device}", "",
+           f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+           f"- command: `{cmd}`",
+           f"- torch {torch.__version__}, triton {getattr(__import__('triton'), '__version__', '?')}, "
+           f"python {platform.python_version()}",
+           f"- measured matmul peaks (TFLOP/s, 8192^3): " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()),
+           "- problem: tanh(z W^T + inj), ||W||_2 = 0.9, tol 1e-4 relative per row, max 50; medians of "
+           "triton.testing.do_bench", ""]
+    out += ["## Fixed point", "",
+            "| dtype | B | H | mode | triton ms | tf32x3 ms | cuda ms | eager ms | compiled ms | torchdeq ms | "
+            "eager/triton | compiled/triton | triton TFLOP/s | floor ms | triton/floor | mean iters |",
+            "|" + "---|" * 16]
+    keys = sorted({(r["dtype"], r["H"], r["B"], r["mode"]) for r in rows if r["kind"] == "fixed_point"},
+                  key=lambda k: (k[0], k[1], k[2], k[3]))
+    for dt, H, B, mode in keys:
+        c = {p: get(kind="fixed_point", provider=p, dtype=dt, H=H, B=B, mode=mode)
+             for p in ("triton", "triton_tf32x3", "cuda", "eager", "compiled", "torchdeq")}
+        f = lambda r: f"{r['ms']:.3f}" if r else "-"
+        t = c["triton"]
+        fw = get(kind="fixed_point", provider="triton", dtype=dt, H=H, B=B, mode="fwd")
+        ratio = lambda r: f"{r['ms'] / t['ms']:.1f}x" if (r and t) else "-"
+        tfl = f"{t['tflops']:.1f}" if (t and "tflops" in t) else "-"
+        floor = f"{fw['floor_ms']:.3f}" if (fw and "floor_ms" in fw and mode == "fwd") else "-"
+        tf = f"{t['ms'] / fw['floor_ms']:.1f}x" if (t and fw and "floor_ms" in fw and mode == "fwd") else "-"
+        mi = f"{fw['mean_iters']:.1f}" if (fw and "mean_iters" in fw) else "-"
+        out.append(f"| {dt} | {B} | {H} | {mode} | {f(t)} | {f(c['triton_tf32x3'])} | {f(c['cuda'])} | "
+                   f"{f(c['eager'])} | {f(c['compiled'])} | {f(c['torchdeq'])} | {ratio(c['eager'])} | "
+                   f"{ratio(c['compiled'])} | {tfl} | {floor} | {tf} | {mi} |")
+    out += ["", "## Grouped dispatch (L=4 + NOP)", "",
+            "| H | B | actions | NOP | mode | triton ms | cuda ms | per-layer loop ms | dense ms | loop/triton | "
+            "dense/triton | triton t(NOP)/t(0) |", "|" + "---|" * 12]
+    for r0 in rows:
+        if r0["kind"] != "dispatch" or r0["provider"] not in ("triton", "torch") or "ms" not in r0:
+            continue
+        q = dict(kind="dispatch", B=r0["B"], H=r0["H"], actions=r0["actions"], nop=r0["nop"], mode=r0["mode"])
+        c = {p: get(provider=p, **q) for p in ("cuda", "per_layer_loop", "dense")}
+        base = get(provider=r0["provider"], **dict(q, nop=0.0))
+        f = lambda r: f"{r['ms']:.3f}" if r else "-"
+        rr = lambda r: f"{r['ms'] / r0['ms']:.1f}x" if r else "-"
+        out.append(f"| {r0['H']} | {r0['B']} | {r0['actions']} | {r0['nop']} | {r0['mode']} | {r0['ms']:.3f} | "
+                   f"{f(c['cuda'])} | {f(c['per_layer_loop'])} | {f(c['dense'])} | {rr(c['per_layer_loop'])} | "
+                   f"{rr(c['dense'])} | {r0['ms'] / base['ms']:.2f} |")
+    errs = [r for r in rows if "error" in r]
+    if errs:
+        out += ["", "## Errors", ""] + [f"- {r['provider']} {r.get('B')}x{r.get('H')} {r.get('dtype', '')} "
+                                         f"{r['mode']}: {r['error']}" for r in errs]
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (a dry run of the script)")
+    ap.add_argument("--only", choices=["fixed_point", "dispatch"], default=None)
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.cuda.get_device_name(0) if dev == "cuda" else platform.processor() or "cpu"
+    stamp = datetime.date.today().isoformat()
+    tag = device.replace(" ", "-")
+    logf = open(os.path.join(args.out, f"gpu-bench-{tag}-{stamp}.log"), "a")
+
+    def log(s):
+        print(s, flush=True)
+        logf.write(s + "\n")
+        logf.flush()
+
+    rows = []
+    peaks = {}
+    if args.only in (None, "fixed_point"):
+        peaks = run_fixed_point(args, dev, log, rows)
+    if args.only in (None, "dispatch"):
+        run_dispatch(args, dev, log, rows)
+    cmd = "python " + " ".join(sys.argv)
+    with open(os.path.join(args.out, f"gpu-bench-{tag}-{stamp}.json"), "w") as f:
+        json.dump({"device": device, "peaks": peaks, "rows": rows, "command": cmd}, f, indent=1)
+    md = table(rows, peaks, device, cmd)
+    with open(os.path.join(args.out, f"{tag}-{stamp}.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
