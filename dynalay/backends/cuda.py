@@ -1,0 +1,50 @@
+"""CUDA C++ backend: thin calls into the ``dynalay_C`` ops for CUDA tensors.
+
+The op schemas come from ``dynalay._C`` (csrc/dynalay_ops.cpp); their CUDA kernels from
+``dynalay._C_cuda`` (csrc/cuda/ops_cuda.cpp + kernels/*.cu), whose import registers them (and
+imports ``dynalay._C`` first).  The kernels take float32/float16/bfloat16 storage and compute in
+float32; the solve is Picard only (``solver="anderson"`` is refused: the selector in
+``dynalay.backends`` never sends it here).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+
+
+def _ops():
+    err = _ext.cpp_error()  # dynalay._C defines the op schemas
+    if err:
+        raise RuntimeError(f"dynalay: the cuda backend is unavailable (it needs dynalay._C for the op schemas): {err}")
+    err = _ext.cuda_error()
+    if err:
+        raise RuntimeError(f"dynalay: the cuda backend is unavailable: {err}")
+    return torch.ops.dynalay_C
+
+
+def _check_cuda(name: str, t: Optional[Tensor]) -> None:
+    if t is not None and t.device.type != "cuda":
+        raise RuntimeError(f"dynalay: the cuda backend takes CUDA tensors ({name} is on {t.device})")
+
+
+def fp_solve(c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor], z0: Optional[Tensor],
+             adjoint: bool, tol: float, max_iter: int, solver: str, damping: float, m: int, lam: float, eps: float):
+    if solver != "picard":
+        raise RuntimeError(f"dynalay: the cuda backend implements solver='picard' only (got {solver!r}); "
+                           "use backend='torch' or 'cpp' for Anderson")
+    _check_cuda("c", c)
+    return _ops().fp_solve(c, W, d, actions, z0, adjoint, tol, max_iter, solver, damping, m, lam, eps)
+
+
+def grouped_linear(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, transpose: bool) -> Tensor:
+    _check_cuda("x", x)
+    return _ops().grouped_linear(x, U, b, actions, transpose)
+
+
+def grouped_wgrad(u: Tensor, x: Tensor, actions: Optional[Tensor], num_layers: int) -> Tensor:
+    _check_cuda("u", u)
+    return _ops().grouped_wgrad(u, x, actions, num_layers)

@@ -1,0 +1,303 @@
+// Grouped fixed-point solve: one thread block per tile of BM rows of ONE layer.
+//
+// Semantics: dynalay/backends/torch_ref.py (fp_solve, solver="picard").  Per row:
+//   z = z0 (or 0); for k = 1..max_iter: f = f(z); r = ||f - z|| / (||f|| + eps);
+//   iters = k; residual = r; z = z + damping (f - z) (z = f when exact_step);
+//   if r < tol: converged, freeze the row.
+//
+// Design (see kernels/README.md):
+//  * the iterate z of the tile lives in shared memory as float32 (BM x HP, HP = H rounded up
+//    to 4 so that a thread reads 4 consecutive k of a row as one float4);
+//  * threads form a TX x TY grid: thread (tx, ty) owns columns n = tx + j*TX (j < CPT) of rows
+//    r = ty + i*TY (i < RPT = BM/TY) and keeps p[r][n] = sum_k z[r][k] M[k][n] in registers;
+//    M[k][n] is read coalesced across tx, from shared memory when it fits (MSMEM) or through
+//    the read-only cache (L2) otherwise; z[r][k] is a shared-memory broadcast;
+//  * per-row norms: each thread sums its columns (float), a warp reduces with shuffles, the
+//    warps of a row meet in shared memory and are added in fixed order in double: every thread
+//    owning a row computes the same residual bit for bit, so the freeze decision needs no
+//    broadcast and each thread keeps the active flags of its rows in a register bitmask;
+//  * two barriers per iteration; the loop ends when no row of the tile is active
+//    (__syncthreads_or) or at max_iter.  No atomics, no host synchronization, fixed order:
+//    deterministic.
+#include "dynalay_kernels.cuh"
+
+namespace dynalay {
+namespace {
+
+constexpr int kMaxH = 1024;
+// Keep M in shared memory when it takes at most this much (more would cut occupancy).
+constexpr size_t kMsmemMaxBytes = 72 * 1024;
+
+template <class Tag, int BM, int TX, int TY, int CPT, bool MSMEM>
+__global__ void __launch_bounds__(TX * TY) fp_solve_kernel(const DynalayFpSolveParams p) {
+  using S = typename Tag::S;
+  constexpr int NT = TX * TY;
+  constexpr int RPT = BM / TY;
+  constexpr int NWR = TX / 32;  // warps per row group
+  static_assert(BM % TY == 0, "BM must be a multiple of TY");
+  static_assert(TX % 32 == 0, "TX must be a multiple of the warp size");
+  static_assert(RPT <= 32, "at most 32 rows per thread (bitmask)");
+
+  __shared__ int64_t row_s[BM];
+  __shared__ double red_s[2][NWR][BM];
+  __shared__ int iters_s[BM];
+  __shared__ float res_s[BM];
+  extern __shared__ float4 dyn_smem[];
+
+  const int H = p.H;
+  const int HP = (H + 3) & ~3;
+  float* z_s = reinterpret_cast<float*>(dyn_smem);
+  S* M_s = reinterpret_cast<S*>(z_s + static_cast<size_t>(BM) * HP);
+
+  const int tid = threadIdx.x;
+  const int tx = tid % TX;
+  const int ty = tid / TX;
+  const int lane = tid & 31;
+  const int wr = tx >> 5;
+
+  int layer;
+  int64_t start, end;
+  if (p.tile_layer != nullptr) {
+    layer = p.tile_layer[blockIdx.x];
+    if (layer < 0) return;  // spare tile (block-uniform)
+    start = p.tile_row_start[blockIdx.x];
+    end = p.offsets[layer + 1];
+  } else {
+    layer = 0;
+    start = static_cast<int64_t>(blockIdx.x) * BM;
+    end = p.B;
+  }
+  if (tid < BM) {
+    const int64_t pos = start + tid;
+    row_s[tid] = pos < end ? (p.perm != nullptr ? p.perm[pos] : pos) : int64_t(-1);
+    iters_s[tid] = 0;
+    res_s[tid] = 0.0f;
+  }
+  const S* Mg = static_cast<const S*>(p.M) + static_cast<int64_t>(layer) * H * H;
+  const S* cg = static_cast<const S*>(p.c);
+  const S* z0g = static_cast<const S*>(p.z0);
+  if (MSMEM) {
+    const int HH = H * H;
+    for (int e = tid; e < HP * H; e += NT) M_s[e] = e < HH ? __ldg(Mg + e) : S(0);
+  }
+  __syncthreads();
+  for (int e = tid; e < BM * HP; e += NT) {
+    const int r = e / HP;
+    const int k = e - r * HP;
+    const int64_t row = row_s[r];
+    float v = 0.0f;
+    if (z0g != nullptr && row >= 0 && k < H) v = ldg_f<Tag>(z0g + row * H + k);
+    z_s[e] = v;
+  }
+  unsigned mask = 0;
+#pragma unroll
+  for (int i = 0; i < RPT; ++i)
+    if (row_s[ty + i * TY] >= 0) mask |= 1u << i;
+
+  const bool exact = p.exact_step != 0;
+  const bool adj = p.adjoint != 0;  // block-uniform branch in the epilogue only
+  const float damp = p.damping;
+  int it = 0;
+  int any = __syncthreads_or(mask != 0);
+  while (any && it < p.max_iter) {
+    ++it;
+    // ---- p = z M (fp32, fixed k order) ----
+    float acc[RPT][CPT];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i)
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) acc[i][j] = 0.0f;
+
+#pragma unroll 2
+    for (int k = 0; k < HP; k += 4) {
+      float m[4][CPT];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+        for (int j = 0; j < CPT; ++j) {
+          const int n = tx + j * TX;
+          const int kq = k + kk;
+          if (MSMEM) {
+            m[kk][j] = n < H ? Tag::to_float(M_s[kq * H + n]) : 0.0f;
+          } else {
+            m[kk][j] = (n < H && kq < H) ? ldg_f<Tag>(Mg + static_cast<int64_t>(kq) * H + n) : 0.0f;
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < RPT; ++i) {
+        const float4 zv = *reinterpret_cast<const float4*>(z_s + (ty + i * TY) * HP + k);
+#pragma unroll
+        for (int j = 0; j < CPT; ++j) {
+          acc[i][j] = fmaf(zv.x, m[0][j], acc[i][j]);
+          acc[i][j] = fmaf(zv.y, m[1][j], acc[i][j]);
+          acc[i][j] = fmaf(zv.z, m[2][j], acc[i][j]);
+          acc[i][j] = fmaf(zv.w, m[3][j], acc[i][j]);
+        }
+      }
+    }
+
+    // ---- f = map(p), partial norms of f - z and f ----
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      if (!((mask >> i) & 1u)) continue;  // uniform across the warp: a warp holds one row group
+      const int r = ty + i * TY;
+      const int64_t row = row_s[r];
+      float sn = 0.0f, sd = 0.0f;
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int n = tx + j * TX;
+        if (n < H) {
+          const int64_t off = row * H + n;
+          const float cv = ldg_f<Tag>(cg + off);
+          float f;
+          if (adj) {
+            f = __fmul_rn(__ldg(p.d + off), __fadd_rn(cv, acc[i][j]));
+          } else {
+            f = tanh_accurate(__fadd_rn(acc[i][j], cv));
+          }
+          const float g = f - z_s[r * HP + n];
+          sn = fmaf(g, g, sn);
+          sd = fmaf(f, f, sd);
+          acc[i][j] = f;
+        }
+      }
+      sn = warp_sum(sn);
+      sd = warp_sum(sd);
+      if (lane == 0) {
+        red_s[0][wr][r] = static_cast<double>(sn);
+        red_s[1][wr][r] = static_cast<double>(sd);
+      }
+    }
+    __syncthreads();
+
+    // ---- residual, step, freeze (every owner of a row reaches the same decision) ----
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      if (!((mask >> i) & 1u)) continue;
+      const int r = ty + i * TY;
+      double sn = 0.0, sd = 0.0;
+#pragma unroll
+      for (int w = 0; w < NWR; ++w) {
+        sn += red_s[0][w][r];
+        sd += red_s[1][w][r];
+      }
+      const double res = div_nonneg(sqrt(sn), sqrt(sd) + p.eps);
+      if (tx == 0) {
+        iters_s[r] = it;
+        res_s[r] = static_cast<float>(res);
+      }
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int n = tx + j * TX;
+        if (n < H) {
+          float* zp = z_s + r * HP + n;
+          *zp = exact ? acc[i][j] : fmaf(damp, acc[i][j] - *zp, *zp);
+        }
+      }
+      if (res < p.tol) mask &= ~(1u << i);
+    }
+    any = __syncthreads_or(mask != 0);
+  }
+
+  // ---- outputs (z_s is final: the last barrier above ordered every write) ----
+  S* zg = static_cast<S*>(p.z);
+  for (int e = tid; e < BM * H; e += NT) {
+    const int r = e / H;
+    const int n = e - r * H;
+    const int64_t row = row_s[r];
+    if (row >= 0) zg[row * H + n] = Tag::from_float(z_s[r * HP + n]);
+  }
+  if (tx == 0) {
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      const int r = ty + i * TY;
+      const int64_t row = row_s[r];
+      if (row >= 0) {
+        p.iters[row] = iters_s[r];
+        p.residual[row] = res_s[r];
+        p.converged[row] = ((mask >> i) & 1u) ? 0 : 1;
+      }
+    }
+  }
+}
+
+// ---- configurations by H ----------------------------------------------------------------------
+//   H <=   32: BM 32, 32 x 8 threads, 1 column/thread   (M in shared memory)
+//   H <=   64: BM 32, 64 x 4 threads, 1 column/thread   (M in shared memory)
+//   H <=  128: BM 32, 128 x 2 threads, 1 column/thread  (M in shared memory; if it does not
+//              fit on the device, the H <= 256 configuration)
+//   H <=  256: BM 32, 128 x 2 threads, 2 columns/thread (M through L2)
+//   H <=  512: BM 16, 256 x 1 threads, 2 columns/thread (M through L2)
+//   H <= 1024: BM 16, 256 x 1 threads, 4 columns/thread (M through L2)
+int block_m_for(int H) {
+  if (H < 1 || H > kMaxH) return -1;
+  return H <= 256 ? 32 : 16;
+}
+
+template <class Tag, int BM, int TX, int TY, int CPT, bool MSMEM>
+cudaError_t run_config(const DynalayFpSolveParams& p, cudaStream_t stream, size_t dyn_bytes, int smem_optin) {
+  auto kernel = fp_solve_kernel<Tag, BM, TX, TY, CPT, MSMEM>;
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  if (dyn_bytes + attr.sharedSizeBytes > static_cast<size_t>(smem_optin)) return cudaErrorInvalidConfiguration;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn_bytes));
+  if (err != cudaSuccess) return err;
+  const int64_t grid = p.tile_layer != nullptr ? static_cast<int64_t>(p.num_tiles) : (p.B + BM - 1) / BM;
+  if (grid <= 0) return cudaSuccess;
+  if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  kernel<<<static_cast<unsigned>(grid), TX * TY, dyn_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class Tag>
+cudaError_t launch(const DynalayFpSolveParams* pp, cudaStream_t stream) {
+  if (pp == nullptr) return cudaErrorInvalidValue;
+  const DynalayFpSolveParams& p = *pp;
+  const int H = p.H;
+  const int bm = block_m_for(H);
+  if (bm < 0 || p.block_m != bm || p.B < 0 || p.max_iter < 0) return cudaErrorInvalidValue;
+  if (p.c == nullptr || p.M == nullptr || p.z == nullptr || p.iters == nullptr || p.residual == nullptr ||
+      p.converged == nullptr || (p.adjoint && p.d == nullptr))
+    return cudaErrorInvalidValue;
+  if (p.tile_layer != nullptr && (p.tile_row_start == nullptr || p.offsets == nullptr || p.perm == nullptr))
+    return cudaErrorInvalidValue;
+  if (p.B == 0) return cudaSuccess;
+  int dev = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  const size_t HP = static_cast<size_t>((H + 3) & ~3);
+  const size_t z_bytes = static_cast<size_t>(bm) * HP * sizeof(float);
+  const size_t m_bytes = HP * static_cast<size_t>(H) * sizeof(typename Tag::S);
+  // Room for the static shared memory (< 4 KB) besides the dynamic part.
+  const bool m_fits = m_bytes <= kMsmemMaxBytes && z_bytes + m_bytes + 4096 <= static_cast<size_t>(optin);
+  if (H <= 32) return run_config<Tag, 32, 32, 8, 1, true>(p, stream, z_bytes + m_bytes, optin);
+  if (H <= 64) return run_config<Tag, 32, 64, 4, 1, true>(p, stream, z_bytes + m_bytes, optin);
+  if (H <= 128 && m_fits) return run_config<Tag, 32, 128, 2, 1, true>(p, stream, z_bytes + m_bytes, optin);
+  // (H <= 128 on a device too small for M in shared memory also takes this config)
+  if (H <= 256) return run_config<Tag, 32, 128, 2, 2, false>(p, stream, z_bytes, optin);
+  if (H <= 512) return run_config<Tag, 16, 256, 1, 2, false>(p, stream, z_bytes, optin);
+  return run_config<Tag, 16, 256, 1, 4, false>(p, stream, z_bytes, optin);
+}
+
+}  // namespace
+}  // namespace dynalay
+
+extern "C" {
+
+int dynalay_fp_solve_block_m(int32_t H) { return dynalay::block_m_for(H); }
+
+cudaError_t dynalay_fp_solve_f32(const DynalayFpSolveParams* p, cudaStream_t stream) {
+  return dynalay::launch<dynalay::F32>(p, stream);
+}
+cudaError_t dynalay_fp_solve_f16(const DynalayFpSolveParams* p, cudaStream_t stream) {
+  return dynalay::launch<dynalay::F16>(p, stream);
+}
+cudaError_t dynalay_fp_solve_bf16(const DynalayFpSolveParams* p, cudaStream_t stream) {
+  return dynalay::launch<dynalay::BF16>(p, stream);
+}
+
+}  // extern "C"
