@@ -24,7 +24,7 @@ fi
 python3 -m dynalay info 2>&1 | tee -a "$OUT/env.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t0=$(date +%s)
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests -q -m "not slow" -p no:cacheprovider --maxfail=30 \
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest ${TEST_PATHS:-tests} -q -m "not slow" -p no:cacheprovider --maxfail=30 \
     ${TEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - t0 )) s"; tail -25 "$OUT/gpu-tests.log"
 fi
