@@ -138,8 +138,8 @@ def run_fixed_point(args, dev, log, rows):
     from dynalay.backends import triton as tb
     peaks = measure_peaks(dev)
     log(f"measured matmul peaks (TFLOP/s, 8192^3): {json.dumps({k: round(v, 1) for k, v in peaks.items()})}")
-    Bs = [1024, 8192, 65536] if not args.quick else [64, 256]
-    Hs = [64, 128, 256, 512] if not args.quick else [32, 160]
+    Bs = args.B or ([1024, 8192, 65536] if not args.quick else [64, 256])
+    Hs = args.H or ([64, 128, 256, 512] if not args.quick else [32, 160])
     dtypes = [torch.float32, torch.bfloat16] if dev == "cuda" else [torch.float32]
     provs = ["triton", "triton_tf32x3", "cuda", "eager", "compiled", "torchdeq"] if dev == "cuda" else \
         ["torch", "eager", "compiled", "torchdeq"]
@@ -334,12 +334,15 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a dry run of the script)")
     ap.add_argument("--only", choices=["fixed_point", "dispatch"], default=None)
+    ap.add_argument("--B", type=int, nargs="*", help="batch sizes of the fixed-point table")
+    ap.add_argument("--H", type=int, nargs="*", help="widths of the fixed-point table")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     os.makedirs(args.out, exist_ok=True)
     device = torch.cuda.get_device_name(0) if dev == "cuda" else platform.processor() or "cpu"
     stamp = datetime.date.today().isoformat()
-    tag = device.replace(" ", "-")
+    tag = device.replace(" ", "-") + args.tag
     logf = open(os.path.join(args.out, f"gpu-bench-{tag}-{stamp}.log"), "a")
 
     def log(s):

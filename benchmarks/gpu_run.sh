@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the CUDA extension, run the test suite with CUDA available,
-# then the GPU benchmark.  Writes logs and tables to $OUT (default benchmarks/results/gpu).
-# Usage (device tool): carry .whl (torchdeq/mnist1d wheels), then  bash benchmarks/gpu_run.sh
-# Stages can be skipped: SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1; BENCH_ARGS="--only dispatch".
+# One call on a GPU machine: build the CUDA extension, sweep the Triton launch configurations
+# (and profile forward+backward), run the GPU tests with the chosen configuration, then the GPU
+# benchmark.  Logs and tables go to $OUT (default benchmarks/results/gpu).
+# Usage (device tool): carry .whl (the torchdeq wheel), then  bash benchmarks/gpu_run.sh
+# Stages: SKIP_BUILD=1 SKIP_TUNE=1 SKIP_TESTS=1 SKIP_BENCH=1; TEST_PATHS, BENCH_ARGS, *_TIMEOUT.
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -19,16 +20,24 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   t0=$(date +%s)
   DYNALAY_BUILD_CUDA=1 DYNALAY_BUILD_CPP=1 DYNALAY_CUDA_ARCHS=${DYNALAY_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
     timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-  echo "build rc=$? in $(( $(date +%s) - t0 )) s"; grep -E "error|registers|spill" "$OUT/build.log" | head -40
+  echo "build rc=$? in $(( $(date +%s) - t0 )) s"; grep -E " error|registers|spill" "$OUT/build.log" | head -20
 fi
 python3 -m dynalay info 2>&1 | tee -a "$OUT/env.txt"
+if [ "${SKIP_TUNE:-0}" != 1 ]; then
+  t0=$(date +%s)
+  timeout ${TUNE_TIMEOUT:-150} python3 benchmarks/gpu_tune.py --out "$OUT" --env-out /tmp/dynalay_tuned.env \
+    > "$OUT/tune.log" 2>&1
+  echo "tune rc=$? in $(( $(date +%s) - t0 )) s"; grep -E "chosen|failed" "$OUT/tune.log"
+  [ -f /tmp/dynalay_tuned.env ] && . /tmp/dynalay_tuned.env
+fi
+echo "DYNALAY_TRITON_FAST_CONFIG=${DYNALAY_TRITON_FAST_CONFIG:-default} DYNALAY_TRITON_TILED_CONFIG=${DYNALAY_TRITON_TILED_CONFIG:-default}" | tee -a "$OUT/env.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t0=$(date +%s)
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest ${TEST_PATHS:-tests} -q -m "not slow" -p no:cacheprovider --maxfail=30 \
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest ${TEST_PATHS:-tests} -q -m "not slow" -p no:cacheprovider -rfEs \
     ${TEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1
-  echo "tests rc=$? in $(( $(date +%s) - t0 )) s"; tail -25 "$OUT/gpu-tests.log"
+  echo "tests rc=$? in $(( $(date +%s) - t0 )) s"; grep -E "passed|failed|FAILED|ERROR|Fatal" "$OUT/gpu-tests.log" | tail -25
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench-stdout.log" 2>&1
-  echo "bench rc=$?"; grep -A200 "^# dynalay GPU" "$OUT/bench-stdout.log" | head -120
+  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} > /dev/null 2>&1
+  echo "bench rc=$?"; cat "$OUT"/*.md 2>/dev/null | head -80
 fi

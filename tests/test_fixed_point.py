@@ -313,3 +313,19 @@ def test_env_var_selects_backend(monkeypatch):
     monkeypatch.setenv("DYNALAY_BACKEND", "nope")
     with pytest.raises(ValueError, match="DYNALAY_BACKEND"):
         backends.select("cpu", torch.float32)
+
+
+def test_cpp_extension_errors_reach_python_as_runtime_errors():
+    # the raw C++ op's own argument checks (TORCH_CHECK) must surface as RuntimeError, not crash;
+    # run in a subprocess so that a crash fails this test instead of the whole run
+    import subprocess
+    import sys
+    code = ("import torch, dynalay, dynalay._C\n"
+            "try:\n"
+            "    torch.ops.dynalay_C.fp_solve(torch.randn(3, 4), torch.zeros(1, 4, 4), None, None, None, False, 1e-4,"
+            " 5, 'broyden', 1.0, 5, 1e-6, 1e-12)\n"
+            "except RuntimeError as e:\n"
+            "    print('RAISED', 'solver' in str(e))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"crashed (rc={out.returncode}): {out.stderr[-2000:]}"
+    assert "RAISED True" in out.stdout, out.stdout + out.stderr[-2000:]

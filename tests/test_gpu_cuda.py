@@ -147,11 +147,20 @@ def test_h_above_1024_is_refused_with_a_clear_message(gen):
         dynalay.fixed_point(inj, W, backend="cuda")
 
 
-def test_anderson_is_refused_by_the_op(gen):
-    c = torch.randn(4, 8, device=DEV)
-    W = torch.zeros(1, 8, 8, device=DEV)
-    with pytest.raises(RuntimeError, match="picard|Picard"):
-        torch.ops.dynalay_C.fp_solve(c, W, None, None, None, False, 1e-4, 10, "anderson", 1.0, 5, 1e-6, 1e-12)
+def test_anderson_is_refused_by_the_op():
+    # in a subprocess: an exception thrown by the extension's argument checks must reach Python as
+    # a RuntimeError (a crash there is reported here as a failure instead of killing the run)
+    import subprocess
+    import sys
+    code = ("import torch, dynalay, dynalay._C_cuda\n"
+            "c = torch.randn(4, 8, device='cuda'); W = torch.zeros(1, 8, 8, device='cuda')\n"
+            "try:\n"
+            "    torch.ops.dynalay_C.fp_solve(c, W, None, None, None, False, 1e-4, 10, 'anderson', 1.0, 5, 1e-6, 1e-12)\n"
+            "except RuntimeError as e:\n"
+            "    print('RAISED', 'Picard' in str(e) or 'picard' in str(e))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"the extension crashed (rc={out.returncode}): {out.stderr[-2000:]}"
+    assert "RAISED True" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------

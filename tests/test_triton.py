@@ -111,3 +111,26 @@ def test_selection_on_cpu_prefers_cpp_and_refuses_bf16_under_interpreter():
     assert any("picard" in r for r in backends.not_supported_reasons("triton", "cpu", torch.float32, ("anderson",)))
     with pytest.raises(RuntimeError, match="picard"):
         dynalay.fixed_point(torch.randn(2, 3), make_W(3, dtype=torch.float32), backend="triton", solver="anderson")
+
+
+@pytest.mark.parametrize("fast,tiled", [((32, 4), (64, 32, 4)), ((64, 8), (16, 16, 2))])
+def test_other_launch_configurations_are_correct(fast, tiled, gen):
+    from dynalay.backends import triton as tb
+    try:
+        tb.set_solve_config(fast=fast, tiled=tiled)
+        for B, H in ((37, 100), (5, 150)):
+            inj, W = problem(B, H, torch.float64, gen)
+            params = [p for p in (inj, W)]
+            a = dynalay.fixed_point(*params, backend="torch")
+            t = dynalay.fixed_point(*params, backend="triton")
+            assert torch.equal(t.iters, a.iters) and (t.z - a.z).abs().max() < 1e-12
+        h = torch.randn(40, 20, generator=gen, dtype=torch.float64)
+        U = torch.randn(3, 20, 20, generator=gen, dtype=torch.float64) / 5
+        Wl = make_W(20, gen=gen, L=3)
+        b = torch.randn(3, 20, generator=gen, dtype=torch.float64)
+        acts = torch.randint(0, 4, (40,), generator=gen)
+        a = dynalay.dynamic_step(h, acts, U, Wl, b, backend="torch")
+        t = dynalay.dynamic_step(h, acts, U, Wl, b, backend="triton")
+        assert torch.equal(t.iters, a.iters) and (t.h - a.h).abs().max() < 1e-12
+    finally:
+        tb.set_solve_config()

@@ -15,6 +15,8 @@ from torch import Tensor
 
 from .. import _ext
 
+MAX_H = 1024  # the CUDA solve keeps the tile's iterate in shared memory (kernels/fixed_point.cu)
+
 
 def _ops():
     err = _ext.cpp_error()  # dynalay._C defines the op schemas
@@ -37,6 +39,9 @@ def fp_solve(c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor
         raise RuntimeError(f"dynalay: the cuda backend implements solver='picard' only (got {solver!r}); "
                            "use backend='torch' or 'cpp' for Anderson")
     _check_cuda("c", c)
+    if c.shape[1] > MAX_H:
+        raise RuntimeError(f"dynalay: the cuda backend solves H <= {MAX_H} (got H={c.shape[1]}); "
+                           "use backend='triton' (tiled path) or 'torch'")
     return _ops().fp_solve(c, W, d, actions, z0, adjoint, tol, max_iter, solver, damping, m, lam, eps)
 
 

@@ -41,13 +41,13 @@ def num_tiles_bound(B: int, num_layers: int, block_m: int) -> int:
 
 
 def route_impl(actions: Tensor, num_layers: int, block_m: int) -> Tuple[Tensor, ...]:
-    """Torch implementation (any device, no host sync)."""
+    """Torch implementation (any device, no host sync: group boundaries come from a binary search
+    in the stably sorted actions; ``torch.bincount`` would read the maximum back to the host)."""
     L, B = num_layers, actions.shape[0]
     dev = actions.device
-    counts = torch.bincount(actions, minlength=L + 1)[: L + 1]
-    offsets = torch.zeros(L + 2, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.cumsum(counts, 0)
-    perm = torch.sort(actions, stable=True).indices
+    sa, perm = torch.sort(actions, stable=True)
+    offsets = torch.searchsorted(sa, torch.arange(L + 2, device=dev, dtype=sa.dtype))  # rows with a < l
+    counts = offsets[1:] - offsets[:-1]
     T = num_tiles_bound(B, L, block_m)
     tiles_per = (counts[:L] + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles_per, 0)

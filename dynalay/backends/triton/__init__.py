@@ -48,16 +48,56 @@ def _np2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+_config_override: dict = {}
+
+
+def set_solve_config(fast: Optional[Tuple[int, int]] = None, tiled: Optional[Tuple[int, int, int]] = None) -> None:
+    """Override the launch configuration (for tuning sweeps and tests): ``fast=(BM, num_warps)``
+    for the resident-W path, ``tiled=(BM, BN, num_warps)`` for the tiled path; None restores the
+    defaults."""
+    _config_override.clear()
+    if fast is not None:
+        _config_override["fast"] = tuple(fast)
+    if tiled is not None:
+        _config_override["tiled"] = tuple(tiled)
+
+
+def _parse_env_config() -> dict:
+    """``DYNALAY_TRITON_FAST_CONFIG="64:32,4;128:64,8"`` (BH bucket: BM,num_warps) and
+    ``DYNALAY_TRITON_TILED_CONFIG="32,64,4"`` (BM,BN,num_warps) override the defaults."""
+    out: dict = {}
+    fast = os.environ.get("DYNALAY_TRITON_FAST_CONFIG", "").strip()
+    for part in filter(None, fast.split(";")):
+        bucket, cfg = part.split(":")
+        bm, w = (int(v) for v in cfg.split(","))
+        out[("fast", int(bucket))] = (bm, w)
+    tiled = os.environ.get("DYNALAY_TRITON_TILED_CONFIG", "").strip()
+    if tiled:
+        out["tiled"] = tuple(int(v) for v in tiled.split(","))
+    return out
+
+
+_env_config = _parse_env_config()
+# defaults (bucket of next_pow2(H): (BM, num_warps)); tiled: (BM, BN, num_warps)
+_FAST_DEFAULT = {64: (32, 4), 128: (16, 8)}
+_TILED_DEFAULT = (32, 64, 4)
+
+
 def solve_config(H: int, dtype: torch.dtype) -> Tuple[bool, int, int, int]:
     """(fast_path, BM, BH_or_BN, num_warps) for a solve of width H."""
     BH = max(16, _np2(H))
     if BH <= FAST_PATH_MAX_H:
-        if BH <= 32:
-            return True, 32, BH, 4
-        if BH <= 64:
-            return True, 32, BH, 4
-        return True, 16, BH, 8
-    return False, 32, 64, 4
+        if "fast" in _config_override:
+            bm, warps = _config_override["fast"]
+            return True, bm, BH, warps
+        bucket = 64 if BH <= 64 else 128
+        bm, warps = _env_config.get(("fast", bucket), _FAST_DEFAULT[bucket])
+        return True, bm, BH, warps
+    if "tiled" in _config_override:
+        bm, bn, warps = _config_override["tiled"]
+        return False, bm, bn, warps
+    bm, bn, warps = _env_config.get("tiled", _TILED_DEFAULT)
+    return False, bm, bn, warps
 
 
 def _route(actions: Tensor, L: int, BM: int):
