@@ -78,9 +78,13 @@ def _parse_env_config() -> dict:
 
 
 _env_config = _parse_env_config()
-# defaults (bucket of next_pow2(H): (BM, num_warps)); tiled: (BM, BN, num_warps)
-_FAST_DEFAULT = {64: (32, 4), 128: (16, 8)}
-_TILED_DEFAULT = (32, 64, 4)
+# Defaults, from the launch-configuration sweep on an H200 (benchmarks/gpu_tune.py; results in
+# benchmarks/results/gpu-h200-2026-11-27/): bucket of next_pow2(H) -> (BM, num_warps); tiled path
+# (BM, BN, num_warps) per input dtype: (64, 64, 4) was fastest for fp32 but 10x slower than
+# (32, 64, 4) for bf16 inputs.
+_FAST_DEFAULT = {64: (64, 4), 128: (16, 8)}
+_TILED_DEFAULT = {torch.float32: (64, 64, 4), torch.float64: (64, 64, 4)}
+_TILED_LOWP = (32, 64, 4)
 
 
 def solve_config(H: int, dtype: torch.dtype) -> Tuple[bool, int, int, int]:
@@ -96,7 +100,7 @@ def solve_config(H: int, dtype: torch.dtype) -> Tuple[bool, int, int, int]:
     if "tiled" in _config_override:
         bm, bn, warps = _config_override["tiled"]
         return False, bm, bn, warps
-    bm, bn, warps = _env_config.get("tiled", _TILED_DEFAULT)
+    bm, bn, warps = _env_config.get("tiled", _TILED_DEFAULT.get(dtype, _TILED_LOWP))
     return False, bm, bn, warps
 
 
@@ -110,8 +114,10 @@ def _launch_solve(C: Tensor, W: Tensor, D: Optional[Tensor], Z0: Optional[Tensor
     B, H = C.shape
     if B == 0:
         return
+    if not adjoint:  # the kernels read M row-major: W^T for the forward map (H^2 per layer, once)
+        W = W.transpose(1, 2).contiguous()
     is_f64 = C.dtype == torch.float64
-    fast, BM, BX, warps = solve_config(H, C.dtype)
+    fast, BM, BX, warps = solve_config(H, W.dtype)  # the routing of the caller used the same
     grouped = routing is not None
     if grouped:
         _, offsets, perm, tile_layer, tile_start, num_tiles = routing
@@ -164,7 +170,7 @@ def fp_solve(c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor
     Z, ITERS, RES, CONV = _outputs(c, c.dtype, actions, L, z0)
     routing = None
     if actions is not None:
-        _, BM, _, _ = solve_config(c.shape[1], c.dtype)
+        _, BM, _, _ = solve_config(c.shape[1], W.dtype)
         routing = _route(actions, L, BM)
     _launch_solve(c, W, d, z0, Z, ITERS, RES, CONV, routing, adjoint, tol, max_iter, damping, eps)
     return Z, ITERS, RES, CONV

@@ -1,6 +1,7 @@
 """Triton kernels of dynalay.
 
-``_fp_solve_kernel``        fixed-point solve of a tile of rows, W resident in registers/SMEM
+``_fp_solve_kernel``        fixed-point solve of a tile of rows, M = W^T (forward) or W (adjoint),
+                            row-major, resident in registers/SMEM
                             (next_pow2(H) <= 128): the whole iteration stays on chip.
 ``_fp_solve_tiled_kernel``  the same for larger H: N/K tiles per iteration, the iterate
                             ping-pongs through a per-row scratch slab (global memory, L2).
@@ -84,15 +85,13 @@ def _fp_solve_kernel(C, W, D, Z0, Z, ITERS, RES, CONV, PERM, TILE_LAYER, TILE_ST
     cmask = cols < H
     m2 = rmask[:, None] & cmask[None, :]
     ptrs = rows[:, None] * H + cols[None, :]
-    # the layer's matrix, resident for the whole solve: M = W^T (forward) or W (adjoint)
+    # the layer's matrix M, resident for the whole solve (p = z M).  The launcher passes M itself,
+    # row-major: W^T for the forward map, W for the adjoint.  (A transposed load of W gave a layout
+    # whose per-iteration conversion for tl.dot cost the forward kernel ~4x the adjoint's time.)
     kk = cols[:, None]
     nn = cols[None, :]
     wbase = W + layer.to(tl.int64) * H * H
-    wmask = (kk < H) & (nn < H)
-    if ADJOINT:
-        M = _up(tl.load(wbase + kk * H + nn, mask=wmask, other=0.0), IS_F64)
-    else:
-        M = _up(tl.load(wbase + nn * H + kk, mask=wmask, other=0.0), IS_F64)
+    M = _up(tl.load(wbase + kk * H + nn, mask=(kk < H) & (nn < H), other=0.0), IS_F64)
     c = _up(tl.load(C + ptrs, mask=m2, other=0.0), IS_F64)
     if ADJOINT:
         d = _up(tl.load(D + ptrs, mask=m2, other=0.0), IS_F64)
@@ -179,12 +178,7 @@ def _fp_solve_tiled_kernel(C, W, D, Z0, Z, ITERS, RES, CONV, PERM, TILE_LAYER, T
                 ck = k0 + offs_k
                 kmask = ck < H
                 zk = tl.load(cur + rows[:, None] * H + ck[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                if ADJOINT:
-                    mk = tl.load(wbase + ck[:, None] * H + cn[None, :], mask=kmask[:, None] & nmask[None, :],
-                                 other=0.0)
-                else:
-                    mk = tl.load(wbase + cn[None, :] * H + ck[:, None], mask=kmask[:, None] & nmask[None, :],
-                                 other=0.0)
+                mk = tl.load(wbase + ck[:, None] * H + cn[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0)
                 acc += tl.dot(zk, _up(mk, IS_F64), input_precision=PREC)
             m2 = rmask[:, None] & nmask[None, :]
             ptrs = rows[:, None] * H + cn[None, :]
