@@ -287,26 +287,26 @@ struct AndersonState {
   }
 };
 
-// One group: rows `ids` (global row numbers), constant term C (n,H), optional D (n,H),
-// initial iterate Z (n,H).  C, D, Z are private copies that this function compacts.
+// One block of rows of a group, solved to the end by the calling thread: C (n,H), D (n,H) or
+// undefined, Z (n,H) are private, contiguous and compacted in place; `ids` are the global row
+// numbers; `and_state` (Anderson only) is indexed from `and_off`.  Each iteration is one GEMM
+// on the active rows (single-threaded here: blocks run in parallel) and one fused pass.
 template <typename T>
-void solve_group(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, std::vector<int64_t> ids,
-                 const Cfg& cfg, T* out_z, int32_t* out_iters, T* out_res, bool* out_conv) {
+void solve_block(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, int64_t* ids,
+                 AndersonState<T>* and_state, int64_t and_off, const Cfg& cfg, T* out_z, int32_t* out_iters,
+                 T* out_res, bool* out_conv) {
   const int64_t n = C.size(0);
   const int64_t H = C.size(1);
   if (n == 0) return;
   at::Tensor P = at::empty_like(C);
-  AndersonState<T> and_state;
-  if (cfg.anderson) and_state.init(n, cfg.m, H);
   std::vector<uint8_t> done(n, 0);
+  std::vector<double> A, y;
+  std::vector<int64_t> sl;
   const bool has_d = D.defined();
   const T damping = static_cast<T>(cfg.damping);
   const bool exact_step = cfg.damping == 1.0;
-  // Picard with damping 1: every active row's new iterate is f, so Z and P swap buffers.
-  const bool swap_step = exact_step && !cfg.anderson;
+  const bool swap_step = exact_step && !cfg.anderson;  // every active row's new iterate is f: swap Z, P
   int64_t na = n;
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1));
-
   for (int64_t k = 1; k <= cfg.max_iter && na > 0; ++k) {
     at::Tensor Pn = P.narrow(0, 0, na);
     at::addmm_out(Pn, C.narrow(0, 0, na), Z.narrow(0, 0, na), M);
@@ -315,62 +315,52 @@ void solve_group(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, 
     T* Pp = P.data_ptr<T>();
     const T* Dp = has_d ? D.data_ptr<T>() : nullptr;
     const int64_t slot = cfg.anderson ? (k - 1) % cfg.m : 0;
-    std::atomic<bool> any_done{false};
-
-    at::parallel_for(0, na, grain, [&](int64_t begin, int64_t end) {
-      std::vector<double> A, y;
-      std::vector<int64_t> sl;
-      bool local_done = false;
-      for (int64_t r = begin; r < end; ++r) {
-        T* z = Zp + r * H;
-        T* f = Pp + r * H;
-        if (cfg.adjoint) {
-          const T* d = Dp + r * H;
-          for (int64_t j = 0; j < H; ++j) f[j] = f[j] * d[j];
-        }
-        double num, den;
-        row_norms(f, z, H, num, den);
-        const double gn = std::sqrt(num);
-        const double res = gn / (std::sqrt(den) + cfg.eps);
-        const bool fin = res < cfg.tol;
-        const int64_t row = ids[r];
-        out_iters[row] = static_cast<int32_t>(k);
-        out_res[row] = static_cast<T>(res);
-        bool mixed = false;
-        if (cfg.anderson)
-          mixed = and_state.step(r, slot, z, f, gn, !fin, cfg.lam, damping, exact_step, A, y, sl);
-        if (!mixed && !swap_step) {
-          if (exact_step) {
-            std::memcpy(z, f, sizeof(T) * H);
-          } else {
-            for (int64_t j = 0; j < H; ++j) z[j] = z[j] + damping * (f[j] - z[j]);
-          }
-        }
-        if (fin) {
-          std::memcpy(out_z + row * H, swap_step ? f : z, sizeof(T) * H);
-          out_conv[row] = true;
-          done[r] = 1;
-          local_done = true;
+    bool any_done = false;
+    for (int64_t r = 0; r < na; ++r) {
+      T* z = Zp + r * H;
+      T* f = Pp + r * H;
+      if (cfg.adjoint) {
+        const T* d = Dp + r * H;
+        for (int64_t j = 0; j < H; ++j) f[j] = f[j] * d[j];
+      }
+      double num, den;
+      row_norms(f, z, H, num, den);
+      const double gn = std::sqrt(num);
+      const double res = gn / (std::sqrt(den) + cfg.eps);
+      const bool fin = res < cfg.tol;
+      const int64_t row = ids[r];
+      out_iters[row] = static_cast<int32_t>(k);
+      out_res[row] = static_cast<T>(res);
+      bool mixed = false;
+      if (cfg.anderson)
+        mixed = and_state->step(and_off + r, slot, z, f, gn, !fin, cfg.lam, damping, exact_step, A, y, sl);
+      if (!mixed && !swap_step) {
+        if (exact_step) {
+          std::memcpy(z, f, sizeof(T) * H);
+        } else {
+          for (int64_t j = 0; j < H; ++j) z[j] = z[j] + damping * (f[j] - z[j]);
         }
       }
-      if (local_done) any_done.store(true, std::memory_order_relaxed);
-    });
-
-    if (swap_step) {
-      std::swap(Z, P);
-      Zp = Z.data_ptr<T>();
+      if (fin) {
+        std::memcpy(out_z + row * H, swap_step ? f : z, sizeof(T) * H);
+        out_conv[row] = true;
+        done[r] = 1;
+        any_done = true;
+      }
     }
-    if (any_done.load()) {  // compact the rows still active to the front, in order
-      T* Cp = C.data_ptr<T>();
+    if (swap_step) std::swap(Z, P);
+    if (any_done) {  // compact the rows still active to the front, in order
+      T* Zw = Z.data_ptr<T>();
+      T* Cw = C.data_ptr<T>();
       T* Dw = has_d ? D.data_ptr<T>() : nullptr;
       int64_t w = 0;
       for (int64_t r = 0; r < na; ++r) {
         if (done[r]) continue;
         if (w != r) {
-          std::memcpy(Zp + w * H, Zp + r * H, sizeof(T) * H);
-          std::memcpy(Cp + w * H, Cp + r * H, sizeof(T) * H);
+          std::memcpy(Zw + w * H, Zw + r * H, sizeof(T) * H);
+          std::memcpy(Cw + w * H, Cw + r * H, sizeof(T) * H);
           if (has_d) std::memcpy(Dw + w * H, Dw + r * H, sizeof(T) * H);
-          if (cfg.anderson) and_state.move_row(w, r);
+          if (cfg.anderson) and_state->move_row(and_off + w, and_off + r);
           ids[w] = ids[r];
         }
         ++w;
@@ -381,6 +371,40 @@ void solve_group(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, 
   }
   const T* Zp = Z.data_ptr<T>();
   for (int64_t r = 0; r < na; ++r) std::memcpy(out_z + ids[r] * H, Zp + r * H, sizeof(T) * H);
+}
+
+// One group: rows `ids` (global row numbers), constant term C (n,H), optional D (n,H),
+// initial iterate Z (n,H) (private copies).  The rows are cut into blocks that threads solve
+// independently to the end (like the GPU tiles): a block's iterate, constant term and GEMM
+// output stay in cache across iterations and no thread waits for another between iterations.
+// Results do not depend on the blocking (each row's arithmetic is the same).
+template <typename T>
+void solve_group(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, std::vector<int64_t> ids,
+                 const Cfg& cfg, T* out_z, int32_t* out_iters, T* out_res, bool* out_conv) {
+  const int64_t n = C.size(0);
+  const int64_t H = C.size(1);
+  if (n == 0) return;
+  AndersonState<T> and_state;
+  if (cfg.anderson) and_state.init(n, cfg.m, H);
+  // block rows: ~128 KiB of iterate per block, at least 8 rows, and enough blocks for the threads
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t bm = std::max<int64_t>(8, std::min<int64_t>(256, (32768 + H - 1) / H));
+  bm = std::min(bm, std::max<int64_t>(8, (n + threads - 1) / threads));
+  const int64_t nblocks = (n + bm - 1) / bm;
+  const bool has_d = D.defined();
+  const at::Tensor Mc = M.detach();
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    // worker threads do not inherit the caller's dispatch state: run the ATen calls of the
+    // block below autograd, as the op itself is (its inputs may require grad)
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * bm;
+      const int64_t len = std::min(bm, n - r0);
+      solve_block<T>(C.narrow(0, r0, len), has_d ? D.narrow(0, r0, len) : at::Tensor(), Z.narrow(0, r0, len), Mc,
+                     ids.data() + r0, cfg.anderson ? &and_state : nullptr, r0, cfg, out_z, out_iters, out_res,
+                     out_conv);
+    }
+  });
 }
 
 // Stable counting sort of the rows by action: offsets (L+2), perm (B).
