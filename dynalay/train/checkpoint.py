@@ -1,0 +1,94 @@
+"""Checkpoints: written atomically (temporary file in the same folder, fsync, ``os.replace``), with
+a format tag, a version, the configuration and a SHA-256 of every tensor, so that a truncated,
+corrupt or foreign file, or one written for another configuration, gives a clear
+:class:`CheckpointError` instead of a half-loaded model."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from typing import Any, Dict, Optional
+
+import torch
+
+FORMAT = "dynalay-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, not a dynalay checkpoint, or does not match."""
+
+
+def _tensors(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def digest(obj) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) in a nested structure."""
+    h = hashlib.sha256()
+    for name, t in _tensors(obj):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str, payload: Dict[str, Any]) -> str:
+    """Write ``payload`` (a dict; must hold ``"state"``) to ``path`` atomically."""
+    if "state" not in payload:
+        raise ValueError("checkpoint payload needs a 'state' entry")
+    for name, t in _tensors(payload["state"]):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"refusing to save a checkpoint with non-finite values in {name}")
+    full = dict(payload, format=FORMAT, version=VERSION, sha256=digest(payload["state"]))
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-ckpt-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            buf = io.BytesIO()
+            torch.save(full, buf)
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str, expect: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Read and verify a checkpoint.  ``expect``: entries of the checkpoint's ``"meta"`` that must
+    match (e.g. dataset, model configuration)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (zip errors, unpickling errors, EOF, ...)
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a torch file "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not a dynalay checkpoint (format tag missing)")
+    if obj.get("version") != VERSION:
+        raise CheckpointError(f"{path!r} has checkpoint version {obj.get('version')!r}; this dynalay reads "
+                              f"version {VERSION}")
+    if "state" not in obj or digest(obj["state"]) != obj.get("sha256"):
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: its tensors do not match the stored SHA-256")
+    if expect:
+        meta = obj.get("meta", {})
+        for k, v in expect.items():
+            if meta.get(k) != v:
+                raise CheckpointError(f"checkpoint {path!r} does not match this run: {k} is {meta.get(k)!r} "
+                                      f"in the checkpoint, {v!r} here")
+    return obj

@@ -1,0 +1,279 @@
+"""``dynalay train`` and ``dynalay eval`` (added to the ``dynalay`` command by ``add_commands``)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from typing import List
+
+DEFAULT_SEEDS = 3
+
+
+def add_commands(sub) -> None:
+    t = sub.add_parser("train", help="train DynaLay and its baselines, evaluate, write a report",
+                       description="Train DynaLay (FPI layer pool + agent) and the static / truncation / "
+                                   "early-exit / MLP baselines on MNIST-1D (default) or digits; write a run "
+                                   "folder with checkpoints, report.json, a plot and a table.")
+    t.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d")
+    t.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"number of seeds (default {DEFAULT_SEEDS})")
+    t.add_argument("--seed-base", type=int, default=0, help="first seed (seeds are base, base+1, ...)")
+    t.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    t.add_argument("--warmup-epochs", type=int, default=None)
+    t.add_argument("--agent-epochs", type=int, default=None)
+    t.add_argument("--joint-epochs", type=int, default=None)
+    t.add_argument("--mlp-epochs", type=int, default=None)
+    t.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every phase's epochs (quick runs)")
+    t.add_argument("--hidden", type=int, default=None)
+    t.add_argument("--layers", type=int, default=None, help="FPI layers in the pool (L)")
+    t.add_argument("--steps", type=int, default=None, help="decisions per sample (T)")
+    t.add_argument("--max-iter", type=int, default=None)
+    t.add_argument("--tol", type=float, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--lam", type=float, default=None, help="reward: price of compute (lambda)")
+    t.add_argument("--baseline", choices=("learned", "self_critical"), default=None)
+    t.add_argument("--knob", type=float, default=None,
+                   help="default compute price lambda at inference, reported as 'dynalay' (default 0.3)")
+    t.add_argument("--timing-repeats", type=int, default=None)
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: available CPUs / ranks)")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--config", default=None, help="JSON file of TrainConfig fields (overridden by flags)")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="re-evaluate a trained run (or one checkpoint) and print its table")
+    e.add_argument("--checkpoint", required=True, help="a run folder (all seeds) or a checkpoint.pt")
+    e.add_argument("--out", default=None, help="where to write report.json and the plot (default: next to it)")
+    e.add_argument("--knob", type=float, default=None, help="default lambda (default: the run's)")
+    e.add_argument("--timing-repeats", type=int, default=None)
+    e.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(fn=cmd_eval)
+
+
+def _build_config(args):
+    from .trainer import TrainConfig
+
+    base = {}
+    if args.config:
+        with open(args.config) as f:
+            base = json.load(f)
+    cfg = TrainConfig.from_dict(dict(base, dataset=args.dataset))
+    s = args.epochs_scale
+
+    def ep(v, cur):
+        return v if v is not None else max(0 if cur == 0 else 1, int(round(cur * s)))
+
+    cfg.warmup_epochs = ep(args.warmup_epochs, cfg.warmup_epochs)
+    cfg.agent_epochs = ep(args.agent_epochs, cfg.agent_epochs)
+    cfg.joint_epochs = ep(args.joint_epochs, cfg.joint_epochs)
+    cfg.mlp_epochs = ep(args.mlp_epochs, cfg.mlp_epochs)
+    for flag, name in (("hidden", "hidden"), ("layers", "num_layers"), ("steps", "max_steps"),
+                       ("max_iter", "max_iter"), ("tol", "tol"), ("lr", "lr"), ("baseline", "baseline"),
+                       ("timing_repeats", "timing_repeats")):
+        v = getattr(args, flag)
+        if v is not None:
+            setattr(cfg, name, v)
+    if args.lam is not None:
+        cfg.reward.lam = args.lam
+    if args.knob is not None:
+        cfg.knob = args.knob
+    return cfg.validate()
+
+
+def _fmt_time(s: float) -> str:
+    return f"{int(s // 60)}m{s % 60:04.1f}s"
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from . import report as R
+    from .checkpoint import CheckpointError
+    from .data import load_data
+    from .trainer import Trainer, TrainingDiverged, init_distributed, set_threads
+
+    t_start = time.perf_counter()
+    dist = init_distributed()
+    threads = set_threads(args.threads, dist.world)
+    log = print if dist.is_main else (lambda *a, **k: None)
+    if args.seeds < 1:
+        print("--seeds must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        cfg0 = _build_config(args)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"dynalay train: bad configuration: {e}", file=sys.stderr)
+        return 2
+    if args.resume and not args.out:
+        print("dynalay train: --resume needs --out RUN_FOLDER", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("runs", f"{args.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if dist.world > 1 and not args.out:  # all ranks must agree on the folder
+        obj = [out]
+        torch.distributed.broadcast_object_list(obj, 0)
+        out = obj[0]
+    if dist.is_main:
+        if os.path.isdir(out) and os.listdir(out) and not args.resume:
+            print(f"dynalay train: {out} is not empty; pass --resume to continue it, or choose another --out",
+                  file=sys.stderr)
+            code = 2
+        else:
+            code = 0
+            os.makedirs(out, exist_ok=True)
+    else:
+        code = 0
+    if dist.world > 1:
+        t = torch.tensor([code])
+        torch.distributed.broadcast(t, 0)
+        code = int(t)
+    if code:
+        return code
+
+    data = load_data(cfg0.dataset, cfg0.val_fraction, split_seed=args.seed_base)
+    log(f"dynalay train: {data.describe()}; {args.seeds} seed(s); {threads} thread(s) x {dist.world} rank(s); "
+        f"run folder {out}")
+    if dist.is_main:
+        R.write_json(os.path.join(out, "config.json"), dict(train_config=cfg0.to_dict(), seeds=args.seeds,
+                                                            seed_base=args.seed_base, world_size=dist.world,
+                                                            threads=threads, argv=sys.argv[1:]))
+    results = []
+    seed_times = []
+    for k in range(args.seeds):
+        seed = args.seed_base + k
+        cfg = dataclasses.replace(cfg0, seed=seed, reward=dataclasses.replace(cfg0.reward))
+        sdir = os.path.join(out, f"seed{seed}")
+        res_path = os.path.join(sdir, "result.json")
+        if args.resume and os.path.exists(res_path):
+            with open(res_path) as f:
+                results.append(json.load(f))
+            log(f"seed {seed}: already done (resumed)")
+            continue
+        t0 = time.perf_counter()
+        data = load_data(cfg.dataset, cfg.val_fraction, split_seed=seed)  # the fit/val split follows the seed
+        tr = Trainer(cfg, data, sdir, dist=dist, progress=not args.no_progress, log=log)
+        try:
+            model, mlp = tr.fit(resume=args.resume)
+        except TrainingDiverged as e:
+            print(f"dynalay train: {e}", file=sys.stderr)
+            return 1
+        except CheckpointError as e:
+            print(f"dynalay train: cannot resume: {e}", file=sys.stderr)
+            return 1
+        t_train = time.perf_counter() - t0
+        if dist.is_main:
+            res = R.evaluate(model, mlp, data, cfg)
+            res["seed"] = seed
+            res["train_time_s"] = t_train
+            res["eval_time_s"] = time.perf_counter() - t0 - t_train
+            R.write_json(res_path, res)
+            results.append(res)
+            m = res["models"]
+            log(f"seed {seed}: trained in {_fmt_time(t_train)}, evaluated in {_fmt_time(res['eval_time_s'])}: "
+                f"dynalay {m['dynalay']['accuracy'] * 100:.1f}% at "
+                f"{m['dynalay']['flops_per_sample'] / m['static']['flops_per_sample']:.2f}x static FLOPs, "
+                f"static {m['static']['accuracy'] * 100:.1f}%, mlp {m['mlp']['accuracy'] * 100:.1f}%")
+        seed_times.append(time.perf_counter() - t0)
+    if dist.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not dist.is_main:
+        return 0
+    total = time.perf_counter() - t_start
+    rep = R.aggregate(results, meta=dict(command="dynalay " + " ".join(sys.argv[1:]) if sys.argv else "",
+                                         total_time_s=total, world_size=dist.world,
+                                         date=datetime.datetime.now().isoformat(timespec="seconds"),
+                                         train_config=cfg0.to_dict()))
+    R.write_json(os.path.join(out, "report.json"), rep)
+    R.make_plot(rep, os.path.join(out, "accuracy_vs_compute.png"), [r["per_sample_flops"] for r in results])
+    table = R.format_table(rep)
+    with open(os.path.join(out, "table.txt"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"\nwrote {out}/report.json, accuracy_vs_compute.png, table.txt, seed*/checkpoint.pt "
+          f"(total {_fmt_time(total)})")
+    return 0
+
+
+def _checkpoints(path: str) -> List[str]:
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        found = sorted(os.path.join(path, d, "checkpoint.pt") for d in os.listdir(path)
+                       if d.startswith("seed") and os.path.isfile(os.path.join(path, d, "checkpoint.pt")))
+        if found:
+            return found
+        if os.path.isfile(os.path.join(path, "checkpoint.pt")):
+            return [os.path.join(path, "checkpoint.pt")]
+    return []
+
+
+def load_trained(path: str):
+    """(cfg, data, model, mlp, checkpoint) from one checkpoint file."""
+    import torch
+
+    from ..models import DynaLay, DynaLayConfig, MLPBaseline
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .data import load_data
+    from .trainer import TrainConfig
+
+    ck = load_checkpoint(path)
+    try:
+        cfg = TrainConfig.from_dict(ck["train_config"])
+        meta = ck["meta"]
+        model = DynaLay(DynaLayConfig.from_dict(meta["model"]))
+        mlp = MLPBaseline(**meta["mlp"])
+        model.load_state_dict(ck["state"]["model"])
+        mlp.load_state_dict(ck["state"]["mlp"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path!r} does not describe a model this dynalay can build: {e}") from e
+    data = load_data(cfg.dataset, cfg.val_fraction, split_seed=cfg.seed)
+    if not (torch.allclose(data.mean, ck["data_mean"]) and torch.allclose(data.std, ck["data_std"])):
+        raise CheckpointError(f"checkpoint {path!r} was trained on different {cfg.dataset} data "
+                              f"(normalisation statistics differ)")
+    model.eval()
+    mlp.eval()
+    return cfg, data, model, mlp, ck
+
+
+def cmd_eval(args) -> int:
+    from . import report as R
+    from .checkpoint import CheckpointError
+    from .trainer import set_threads
+
+    set_threads(args.threads)
+    paths = _checkpoints(args.checkpoint)
+    if not paths:
+        print(f"dynalay eval: no checkpoint found at {args.checkpoint!r}", file=sys.stderr)
+        return 2
+    results = []
+    knob = args.knob
+    for p in paths:
+        try:
+            cfg, data, model, mlp, ck = load_trained(p)
+        except CheckpointError as e:
+            print(f"dynalay eval: {e}", file=sys.stderr)
+            return 1
+        if not ck.get("complete", False):
+            print(f"dynalay eval: warning: {p} is from an unfinished run (position {ck.get('position')})",
+                  file=sys.stderr)
+        if args.timing_repeats is not None:
+            cfg.timing_repeats = args.timing_repeats
+        res = R.evaluate(model, mlp, data, cfg, default_knob=knob, timing=not args.no_timing)
+        res["seed"] = cfg.seed
+        results.append(res)
+    rep = R.aggregate(results, meta=dict(command="dynalay " + " ".join(sys.argv[1:]),
+                                         date=datetime.datetime.now().isoformat(timespec="seconds"),
+                                         checkpoints=paths))
+    out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint))
+    out = os.path.join(out, "eval") if args.out is None else out
+    os.makedirs(out, exist_ok=True)
+    R.write_json(os.path.join(out, "report.json"), rep)
+    if not args.no_timing:
+        R.make_plot(rep, os.path.join(out, "accuracy_vs_compute.png"), [r["per_sample_flops"] for r in results])
+    print(R.format_table(rep))
+    print(f"\nwrote {out}/report.json")
+    return 0

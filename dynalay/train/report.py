@@ -1,0 +1,396 @@
+"""Evaluation on the test split, ``report.json``, the plot and the printed table.
+
+Every number is measured on the test split at ``eval_batch`` (256) rows per batch:
+
+* ``accuracy``; ``fpi_iters_per_sample``: f-evaluations actually spent per sample (all steps);
+  ``flops_per_sample``: :class:`dynalay.models.CostModel` summed over what actually ran;
+* ``wall_time_s``: seconds to run the *whole test split* batch by batch on the clock (median over
+  ``timing_repeats`` rounds; the configurations are interleaved in every round so that machine
+  noise hits all of them alike).  The pool's effective (spectrally bounded) weight is computed
+  once before timing, for every configuration alike.
+
+``report.json`` (means over seeds; ``*_std`` fields hold the standard deviation over seeds, and
+``seeds`` the per-seed numbers)::
+
+    {"dataset", "models": {name: {"accuracy", "fpi_iters_per_sample", "flops_per_sample",
+                                  "wall_time_s", "batch_size"}},
+     "pareto": [{"knob", "accuracy", "flops_per_sample", "wall_time_s"}],
+     "truncation": [{"budget", ...same fields}], "early_exit": [{"threshold", ...}],
+     "difficulty": {...}, "targets": {...}, ...}
+
+Curves are compared at matched compute by linear interpolation of the baseline's upper envelope
+(best accuracy at no more FLOPs), the frontier that mixing its operating points achieves.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..models import DynaLay, MLPBaseline
+
+FIELDS = ("accuracy", "fpi_iters_per_sample", "flops_per_sample", "wall_time_s")
+
+
+def _batches(x: torch.Tensor, bs: int):
+    return [x[i:i + bs] for i in range(0, x.shape[0], bs)]
+
+
+def _collect(fn: Callable, x: torch.Tensor, y: torch.Tensor, bs: int) -> Dict[str, np.ndarray]:
+    logits, flops, iters, steps = [], [], [], []
+    for xb in _batches(x, bs):
+        o = fn(xb)
+        if isinstance(o, torch.Tensor):  # mlp
+            logits.append(o)
+            continue
+        logits.append(o.logits)
+        flops.append(o.flops)
+        iters.append(o.iters)
+        steps.append(o.steps)
+    lg = torch.cat(logits).float()
+    p = torch.softmax(lg, 1)
+    out = dict(correct=(lg.argmax(1) == y).numpy(), conf=p.amax(1).numpy())
+    if flops:
+        out.update(flops=torch.cat(flops).numpy(), iters=torch.cat(iters).double().numpy(),
+                   steps=torch.cat(steps).numpy())
+    return out
+
+
+def time_configs(configs: Dict[str, Callable], x: torch.Tensor, bs: int, repeats: int,
+                 seed: int = 0) -> Dict[str, float]:
+    """Median seconds to run all of ``x`` at batch ``bs`` for every config (interleaved rounds)."""
+    xs = _batches(x, bs)
+    names = list(configs)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    rng = random.Random(seed)
+    with torch.inference_mode():
+        for n in names:  # warm-up
+            for xb in xs:
+                configs[n](xb)
+        for _ in range(max(1, repeats)):
+            rng.shuffle(names)
+            for n in names:
+                t0 = time.perf_counter()
+                for xb in xs:
+                    configs[n](xb)
+                times[n].append(time.perf_counter() - t0)
+    return {n: float(statistics.median(v)) for n, v in times.items()}
+
+
+def _entry(d: Dict[str, np.ndarray], wall: float, bs: int) -> dict:
+    return dict(accuracy=float(d["correct"].mean()),
+                fpi_iters_per_sample=float(d["iters"].mean()) if "iters" in d else 0.0,
+                flops_per_sample=float(d["flops"].mean()) if "flops" in d else None,
+                wall_time_s=wall, batch_size=bs)
+
+
+def evaluate(model: DynaLay, mlp: MLPBaseline, data, cfg, default_knob: Optional[float] = None,
+             timing: bool = True) -> dict:
+    """All models and curves of one seed on the test split (see the module docstring)."""
+    model.eval()
+    mlp.eval()
+    x, y = data.test.x, data.test.y
+    bs = cfg.eval_batch
+    if default_knob is None:
+        default_knob = model.default_lam
+    with torch.inference_mode():
+        W = model.pool.effective_weight()
+        configs: Dict[str, Callable] = {
+            "dynalay": lambda xb: model.run(xb, lam=default_knob, W=W),
+            "dynalay_nop_action": lambda xb: model.run(xb, lam=default_knob, W=W, compact=False),
+            "static": lambda xb: model.run_static(xb, W=W),
+            "mlp": lambda xb: mlp(xb),
+        }
+        T = model.cfg.max_steps
+        for k in range(T + 1):
+            configs[f"truncation:{k}"] = (lambda k: lambda xb: model.run_static(xb, steps=k, W=W))(k)
+        for th in cfg.exit_thresholds:
+            configs[f"early_exit:{th}"] = (lambda th: lambda xb: model.run_static(xb, exit_threshold=th, W=W))(th)
+        for kn in cfg.knobs:
+            configs[f"pareto:{kn}"] = (lambda kn: lambda xb: model.run(xb, lam=kn, W=W))(kn)
+        res = {n: _collect(fn, x, y, bs) for n, fn in configs.items()}
+        if not np.array_equal(res["dynalay"]["correct"], res["dynalay_nop_action"]["correct"]) or \
+                not np.allclose(res["dynalay"]["flops"], res["dynalay_nop_action"]["flops"]):
+            raise RuntimeError("internal error: compact and NOP-action dispatch disagree")
+        walls = time_configs(configs, x, bs, cfg.timing_repeats, seed=cfg.seed) if timing else \
+            {n: float("nan") for n in configs}
+    mlp_e = _entry(res["mlp"], walls["mlp"], bs)
+    mlp_e["flops_per_sample"] = mlp.flops_per_sample()
+    out = dict(
+        dataset=data.name,
+        models=dict(dynalay=_entry(res["dynalay"], walls["dynalay"], bs),
+                    static=_entry(res["static"], walls["static"], bs), mlp=mlp_e),
+        pareto=[dict(knob=kn, **_entry(res[f"pareto:{kn}"], walls[f"pareto:{kn}"], bs)) for kn in cfg.knobs],
+        truncation=[dict(budget=k, **_entry(res[f"truncation:{k}"], walls[f"truncation:{k}"], bs))
+                    for k in range(T + 1)],
+        early_exit=[dict(threshold=th, **_entry(res[f"early_exit:{th}"], walls[f"early_exit:{th}"], bs))
+                    for th in cfg.exit_thresholds],
+        dispatch={"compact_wall_time_s": walls["dynalay"], "nop_action_wall_time_s": walls["dynalay_nop_action"]},
+        default_knob=default_knob,
+    )
+    # harder inputs (static wrong / static low confidence) vs the rest: DynaLay's compute
+    st, dy = res["static"], res["dynalay"]
+    wrong = ~st["correct"].astype(bool)
+    low = st["conf"] < np.median(st["conf"])
+    f = dy["flops"]
+
+    def mean_or_none(a):
+        return float(a.mean()) if a.size else None
+
+    out["difficulty"] = dict(
+        flops_static_wrong=mean_or_none(f[wrong]), flops_static_right=mean_or_none(f[~wrong]),
+        flops_low_confidence=mean_or_none(f[low]), flops_high_confidence=mean_or_none(f[~low]),
+        layers_static_wrong=mean_or_none(dy["steps"][wrong]), layers_static_right=mean_or_none(dy["steps"][~wrong]),
+        n_static_wrong=int(wrong.sum()), n_test=int(len(f)),
+        steps_histogram=np.bincount(dy["steps"].astype(np.int64), minlength=T + 1).tolist(),
+    )
+    dd = out["difficulty"]
+    dd["harder_get_more"] = bool(dd["flops_static_wrong"] is not None and dd["flops_static_right"] is not None
+                                 and dd["flops_static_wrong"] > dd["flops_static_right"]
+                                 and dd["flops_low_confidence"] > dd["flops_high_confidence"])
+    out["per_sample_flops"] = dict(dynalay=f.tolist(), static=st["flops"].tolist())
+    out["cost_table"] = model.cost_table()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# curves, targets, aggregation
+# ---------------------------------------------------------------------------------------------
+def envelope_interp(points: List[dict], flops: float) -> Optional[float]:
+    """Accuracy of a baseline curve at ``flops``: linear interpolation of its upper envelope
+    (best accuracy at no more FLOPs).  None outside the curve's FLOP range."""
+    pts = sorted((p["flops_per_sample"], p["accuracy"]) for p in points)
+    xs, ys, best = [], [], -1.0
+    for fx, ac in pts:
+        best = max(best, ac)
+        xs.append(fx)
+        ys.append(best)
+    if flops < xs[0] - 1e-9 or flops > xs[-1] + 1e-9:
+        return None
+    return float(np.interp(flops, xs, ys))
+
+
+def targets(rep: dict, dataset: str) -> dict:
+    m = rep["models"]
+    dy, st = m["dynalay"], m["static"]
+    t = dict(
+        accuracy_gap_vs_static=dy["accuracy"] - st["accuracy"],
+        flops_ratio_vs_static=dy["flops_per_sample"] / st["flops_per_sample"],
+        wall_ratio_vs_static=(dy["wall_time_s"] / st["wall_time_s"]) if dy.get("wall_time_s") and st.get(
+            "wall_time_s") else None,
+    )
+    t["within_1pt_of_static"] = t["accuracy_gap_vs_static"] >= -0.01
+    t["flops_le_50pct"] = t["flops_ratio_vs_static"] <= 0.5
+    t["wall_le_60pct"] = None if t["wall_ratio_vs_static"] is None else t["wall_ratio_vs_static"] <= 0.6
+    margins = []
+    for p in rep["pareto"]:
+        tr = envelope_interp(rep["truncation"], p["flops_per_sample"])
+        ee = envelope_interp(rep["early_exit"], p["flops_per_sample"])
+        margins.append(dict(knob=p["knob"], flops_per_sample=p["flops_per_sample"], accuracy=p["accuracy"],
+                            vs_truncation=None if tr is None else p["accuracy"] - tr,
+                            vs_early_exit=None if ee is None else p["accuracy"] - ee))
+    t["curve_margins"] = margins
+    cmp_tr = [q["vs_truncation"] for q in margins if q["vs_truncation"] is not None]
+    cmp_ee = [q["vs_early_exit"] for q in margins if q["vs_early_exit"] is not None]
+    t["points_compared"] = dict(truncation=len(cmp_tr), early_exit=len(cmp_ee))
+    t["curve_on_or_above_truncation"] = bool(cmp_tr) and min(cmp_tr) >= 0
+    t["curve_on_or_above_early_exit"] = bool(cmp_ee) and min(cmp_ee) >= 0
+    t["min_margin_truncation"] = min(cmp_tr) if cmp_tr else None
+    t["min_margin_early_exit"] = min(cmp_ee) if cmp_ee else None
+    t["harder_get_more"] = rep["difficulty"].get("harder_get_more")
+    if dataset == "digits":
+        t["digits_ge_96"] = dy["accuracy"] >= 0.96
+    return t
+
+
+def _mean_std(vals):
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None, None
+    if len(vals) == 1:
+        return float(vals[0]), 0.0
+    return float(statistics.mean(vals)), float(statistics.stdev(vals))
+
+
+def _agg_entries(entries: List[dict], keep: tuple) -> dict:
+    out = {k: entries[0][k] for k in keep if k in entries[0]}
+    for f in FIELDS:
+        m, s = _mean_std([e.get(f) for e in entries])
+        out[f] = m
+        out[f + "_std"] = s
+    if "batch_size" in entries[0]:
+        out["batch_size"] = entries[0]["batch_size"]
+    return out
+
+
+def aggregate(seed_results: List[dict], meta: Optional[dict] = None) -> dict:
+    """Mean (and ``*_std``) over seeds, in the report.json schema."""
+    r0 = seed_results[0]
+    rep = dict(dataset=r0["dataset"], num_seeds=len(seed_results), seeds=[r.get("seed") for r in seed_results])
+    rep["models"] = {n: _agg_entries([r["models"][n] for r in seed_results], ())
+                     for n in r0["models"]}
+    for curve, key in (("pareto", "knob"), ("truncation", "budget"), ("early_exit", "threshold")):
+        rep[curve] = [_agg_entries([r[curve][i] for r in seed_results], (key,)) for i in range(len(r0[curve]))]
+    diff = {}
+    for k, v in r0["difficulty"].items():
+        if isinstance(v, bool):
+            diff[k] = [r["difficulty"][k] for r in seed_results]
+        elif isinstance(v, (int, float)) or v is None:
+            diff[k], diff[k + "_std"] = _mean_std([r["difficulty"][k] for r in seed_results])
+        else:
+            diff[k] = [r["difficulty"][k] for r in seed_results]
+    diff["harder_get_more_all_seeds"] = all(r["difficulty"]["harder_get_more"] for r in seed_results)
+    rep["difficulty"] = diff
+    rep["dispatch"] = {k: _mean_std([r["dispatch"][k] for r in seed_results])[0] for k in r0["dispatch"]}
+    rep["cost_table"] = r0.get("cost_table")
+    rep["default_knob"] = r0.get("default_knob")
+    rep["targets"] = targets(rep, rep["dataset"])
+    rep["targets"]["harder_get_more"] = diff["harder_get_more_all_seeds"]
+    rep["targets_per_seed"] = [targets(r, rep["dataset"]) for r in seed_results]
+    rep["per_seed"] = [{k: r[k] for k in ("seed", "models", "pareto", "truncation", "early_exit", "difficulty")
+                        if k in r} for r in seed_results]
+    rep["machine"] = machine_info()
+    if meta:
+        rep.update(meta)
+    return rep
+
+
+def machine_info() -> dict:
+    from .trainer import available_cpus
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return dict(cpu=cpu, cpus_available=available_cpus(), torch=torch.__version__,
+                torch_threads=torch.get_num_threads(), python=platform.python_version(),
+                platform=platform.platform())
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# table and plot
+# ---------------------------------------------------------------------------------------------
+def _pm(m, s, scale=1.0, fmt="{:.1f}"):
+    if m is None:
+        return "-"
+    out = fmt.format(m * scale)
+    if s:
+        out += " ± " + fmt.format(s * scale)
+    return out
+
+
+def format_table(rep: dict) -> str:
+    m = rep["models"]
+    st = m["static"]
+    rows = [("model", "accuracy %", "FPI iters/sample", "MFLOPs/sample", "FLOPs vs static", "wall ms (test)",
+             "wall vs static")]
+
+    def add(name, e):
+        fr = e["flops_per_sample"] / st["flops_per_sample"] if e.get("flops_per_sample") else None
+        wr = e["wall_time_s"] / st["wall_time_s"] if e.get("wall_time_s") else None
+        rows.append((name, _pm(e["accuracy"], e.get("accuracy_std"), 100), _pm(e["fpi_iters_per_sample"], None,
+                                                                                 fmt="{:.2f}"),
+                     _pm(e["flops_per_sample"], None, 1e-6, "{:.3f}"), "-" if fr is None else f"{fr:.2f}",
+                     _pm(e["wall_time_s"], e.get("wall_time_s_std"), 1e3, "{:.1f}"),
+                     "-" if wr is None else f"{wr:.2f}"))
+
+    add(f"dynalay (lambda {rep.get('default_knob')})", m["dynalay"])
+    add("static", st)
+    for p in rep["truncation"]:
+        add(f"truncation k={p['budget']}", p)
+    for p in rep["early_exit"]:
+        add(f"early_exit p>={p['threshold']}", p)
+    for p in rep["pareto"]:
+        add(f"dynalay lambda={p['knob']}", p)
+    add("mlp", m["mlp"])
+    w = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    t = rep.get("targets", {})
+    if t:
+        lines.append("")
+        lines.append(f"targets: accuracy gap vs static {t['accuracy_gap_vs_static'] * 100:+.2f} pt "
+                     f"(within 1 pt: {t['within_1pt_of_static']}), FLOPs {t['flops_ratio_vs_static']:.2f}x "
+                     f"(<= 0.5: {t['flops_le_50pct']}), wall {_pm(t['wall_ratio_vs_static'], None, fmt='{:.2f}')}x "
+                     f"(<= 0.6: {t['wall_le_60pct']})")
+        mt, me = t.get("min_margin_truncation"), t.get("min_margin_early_exit")
+        lines.append(f"curve vs truncation: min margin {'-' if mt is None else f'{mt * 100:+.2f} pt'} "
+                     f"({t['points_compared']['truncation']} points; on/above: {t['curve_on_or_above_truncation']}); "
+                     f"vs early_exit: {'-' if me is None else f'{me * 100:+.2f} pt'} "
+                     f"({t['points_compared']['early_exit']} points; on/above: {t['curve_on_or_above_early_exit']})")
+        d = rep["difficulty"]
+        lines.append(f"harder inputs get more compute: {t.get('harder_get_more')} (MFLOPs static-wrong "
+                     f"{_pm(d.get('flops_static_wrong'), None, 1e-6, '{:.3f}')} vs right "
+                     f"{_pm(d.get('flops_static_right'), None, 1e-6, '{:.3f}')}; low-confidence "
+                     f"{_pm(d.get('flops_low_confidence'), None, 1e-6, '{:.3f}')} vs high "
+                     f"{_pm(d.get('flops_high_confidence'), None, 1e-6, '{:.3f}')})")
+        if "digits_ge_96" in t:
+            lines.append(f"digits >= 96%: {t['digits_ge_96']}")
+    return "\n".join(lines)
+
+
+def make_plot(rep: dict, path: str, per_sample: Optional[List[dict]] = None) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    m = rep["models"]
+    for ax, key, scale, xlabel in ((axes[0], "flops_per_sample", 1e-6, "MFLOPs / sample"),
+                                   (axes[1], "wall_time_s", 1e3, f"wall ms for the test split (batch "
+                                                                 f"{m['static']['batch_size']})")):
+        for curve, style, label in (("truncation", "s--", "truncation (k steps)"),
+                                    ("early_exit", "^--", "early exit (confidence)"),
+                                    ("pareto", "o-", "DynaLay (knob: lambda)")):
+            pts = sorted(rep[curve], key=lambda p: p[key])
+            ax.errorbar([p[key] * scale for p in pts], [p["accuracy"] * 100 for p in pts],
+                        yerr=[(p.get("accuracy_std") or 0) * 100 for p in pts], fmt=style, capsize=2, label=label)
+        for name, mk in (("dynalay", "*"), ("static", "D"), ("mlp", "P")):
+            e = m[name]
+            ax.errorbar([e[key] * scale], [e["accuracy"] * 100], yerr=[(e.get("accuracy_std") or 0) * 100],
+                        fmt=mk, markersize=12, capsize=3, label=f"{name}" + (" (default knob)" if name == "dynalay"
+                                                                             else ""))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy %")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].set_title(f"{rep['dataset']}: accuracy vs FLOPs ({rep.get('num_seeds', 1)} seeds)")
+    axes[1].set_title("accuracy vs measured wall time")
+    ax = axes[2]
+    if per_sample:
+        dy = np.concatenate([np.asarray(p["dynalay"]) for p in per_sample]) * 1e-6
+        stf = np.concatenate([np.asarray(p["static"]) for p in per_sample]) * 1e-6
+        bins = np.linspace(0, max(dy.max(), stf.max()) * 1.05, 40)
+        ax.hist(dy, bins=bins, alpha=0.7, label=f"DynaLay (mean {dy.mean():.3f})")
+        ax.hist(stf, bins=bins, alpha=0.5, label=f"static (mean {stf.mean():.3f})")
+        ax.set_xlabel("MFLOPs spent on a test sample")
+        ax.set_ylabel("test samples (all seeds)")
+        ax.legend(fontsize=8)
+    d = rep["difficulty"]
+    ax.set_title("compute per test sample; static-wrong "
+                 f"{(d.get('flops_static_wrong') or 0) * 1e-6:.3f} vs right "
+                 f"{(d.get('flops_static_right') or 0) * 1e-6:.3f} MFLOPs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,173 @@
+"""The DynaLay model: NOP leaves the batch, compact == NOP-action dispatch, FLOP accounting,
+the hard budget, the knobs, and a tiny end-to-end train/eval on digits."""
+import math
+
+import pytest
+import torch
+
+import dynalay.models.dynalay as dmod
+from dynalay.models import DynaLay, DynaLayConfig, MLPBaseline, mlp_hidden_for_params
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(in_features=12, num_classes=5, hidden=16, num_layers=3, max_steps=4, max_iter=5, tol=1e-3)
+    cfg.update(kw)
+    m = DynaLay(DynaLayConfig(**cfg)).eval()
+    return m
+
+
+class _Counter:
+    """Wraps dynamic_step: records the rows and actions each call receives."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = dmod.dynamic_step
+
+        def wrapped(h, actions, *a, **k):
+            self.calls.append(actions.clone())
+            return real(h, actions, *a, **k)
+
+        monkeypatch.setattr(dmod, "dynamic_step", wrapped)
+
+
+def test_nop_removes_rows_from_later_steps(monkeypatch):
+    m = _model()
+    cnt = _Counter(monkeypatch)
+    B, L, T = 40, 3, 4
+    forced = m.static_actions(B)
+    forced[:10, 1] = L    # 10 rows stop after one layer
+    forced[10:25, 2] = L  # 15 rows stop after two layers
+    with torch.no_grad():
+        out = m.run(torch.randn(B, 12), policy="forced", forced=forced, details=True)
+    assert [len(c) for c in cnt.calls] == [40, 30, 15, 15]
+    assert out.rows_per_step == [40, 30, 15, 15]
+    for c in cnt.calls:  # with compaction no NOP row is ever handed to the op
+        assert (c < L).all()
+    assert out.steps.tolist() == [1] * 10 + [2] * 15 + [4] * 15
+    assert (out.step_iters[:10, 1:] == 0).all() and (out.step_iters[10:25, 2:] == 0).all()
+    # the agent: a large NOP bias after step 0 stops everyone -> a single op call
+    cnt.calls.clear()
+    with torch.no_grad():
+        m.policy.step_bias[1:, L] = 50.0
+        m.policy.step_bias[0, L] = -50.0
+        out = m.run(torch.randn(B, 12))
+    assert [len(c) for c in cnt.calls] == [B] and out.rows_per_step == [B]
+    assert (out.steps == 1).all()
+
+
+def test_nop_rows_cost_nothing_without_compaction(monkeypatch):
+    """With compact=False finished rows are passed with action NOP: they spend no iterations."""
+    m = _model(1)
+    cnt = _Counter(monkeypatch)
+    forced = m.static_actions(20, steps=2)
+    forced[:5, 1] = m.nop
+    with torch.no_grad():
+        out = m.run(torch.randn(20, 12), policy="forced", forced=forced, compact=False, details=True)
+    assert [len(c) for c in cnt.calls] == [20, 20]
+    assert (cnt.calls[1][:5] == m.nop).all()
+    assert (out.step_iters[:5, 1] == 0).all() and (out.step_iters[5:, 1] > 0).all()
+
+
+@pytest.mark.parametrize("policy", ["greedy", "forced", "early_exit"])
+@pytest.mark.parametrize("lam", [0.02, 0.3, 2.0])
+def test_compact_and_nop_action_dispatch_agree(policy, lam):
+    m = _model(2)
+    with torch.no_grad():
+        m.policy.step_bias[1:, m.nop] = 0.8  # some rows stop at every step
+        x = torch.randn(64, 12)
+        kw = {}
+        if policy == "greedy":
+            kw = dict(lam=lam)
+        elif policy == "forced":
+            f = m.static_actions(64)
+            f[torch.arange(64) % 3 == 0, 2] = m.nop
+            kw = dict(policy="forced", forced=f)
+        else:
+            kw = dict(policy="forced", forced=m.static_actions(64), exit_threshold=0.25 + lam / 10)
+        a = m.run(x, details=True, **kw)
+        b = m.run(x, compact=False, details=True, **kw)
+    assert torch.equal(a.actions, b.actions) and torch.equal(a.step_iters, b.step_iters)
+    assert torch.equal(a.flops, b.flops) and torch.equal(a.steps, b.steps)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_flops_follow_the_iterations_actually_spent():
+    m = _model(3)
+    c = m.costs
+    H, D, C = 16, 12, 5
+    with torch.no_grad():
+        out = m.run_static(torch.randn(30, 12), details=True)
+    it = out.step_iters.to(torch.float64).sum(1)
+    want = 2 * D * H + H + 4 * 2 * H * H + it * 2 * H * H + 2 * H * C + 5 * H
+    torch.testing.assert_close(out.flops, want)
+    assert c.per_iter == 2 * H * H and c.layer_fixed == 2 * H * H
+    # truncation after k steps spends only k solves
+    with torch.no_grad():
+        t1 = m.run_static(torch.randn(30, 12), steps=1)
+    assert (t1.steps == 1).all() and (t1.flops < out.flops.min()).all()
+    assert set(m.cost_table()) >= {"layer0", "layer1", "layer2", "nop", "encoder", "head", "agent"}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hard_budget_is_never_exceeded(seed):
+    m = _model(seed, max_iter=7)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        m.policy.step_bias[:, m.nop] = -5.0  # the agent wants to compute everywhere
+        x = torch.randn(50, 12, generator=g)
+        full = m.run(x).flops.mean().item()
+        lo = m.costs.encoder + m.costs.head + m.costs.agent
+        for frac in (0.0, 0.05, 0.2, 0.37, 0.5, 0.8, 1.0, 1.3):
+            budget = lo + frac * (full - lo)
+            for lam in (0.02, 0.5):
+                out = m.run(x, budget=budget, lam=lam)
+                assert out.flops.sum().item() <= budget * 50 * (1 + 1e-12)
+        # a generous budget changes nothing
+        assert torch.equal(m.run(x, budget=10 * full).flops, m.run(x).flops)
+        with pytest.raises(ValueError, match="below the minimum"):
+            m.run(x, budget=lo * 0.5)
+
+
+def test_knobs_move_compute():
+    m = _model(4)
+    with torch.no_grad():
+        m.policy.step_bias.zero_()
+        x = torch.randn(80, 12)
+        f = [m.run(x, nop_bias=b).flops.mean().item() for b in (-10.0, 0.0, 10.0)]
+    assert f[0] >= f[1] >= f[2] and f[0] > f[2]
+
+
+def test_training_fields_and_gradients():
+    m = _model(5).train()
+    x = torch.randn(16, 12)
+    out = m.run(x, policy="sample", record=True, generator=torch.Generator().manual_seed(0),
+                lam=torch.full((16,), 0.3, dtype=torch.float64))
+    assert out.log_probs.shape == (16, 4) and out.decided.any()
+    assert (out.log_probs[~out.decided] == 0).all()
+    (out.log_probs.sum() + out.values.sum()).backward()
+    assert m.policy.inp.weight.grad.abs().sum() > 0
+    loss = torch.nn.functional.cross_entropy(out.logits, torch.zeros(16, dtype=torch.long))
+    m.zero_grad()
+    loss.backward()
+    assert m.pool.U.grad is not None and m.pool.W.grad is not None and m.encoder.weight.grad is not None
+
+
+def test_input_validation():
+    m = _model()
+    with pytest.raises(ValueError):
+        m.run(torch.randn(3, 7))
+    with pytest.raises(ValueError):
+        m.run(torch.randn(3, 12), policy="bogus")
+    with pytest.raises(ValueError):
+        m.run(torch.randn(3, 12), policy="forced")
+    with pytest.raises(ValueError):
+        DynaLayConfig(in_features=3, num_classes=2, hidden=0).validate()
+
+
+def test_mlp_baseline_size():
+    w = mlp_hidden_for_params(40, 10, 100_000)
+    m = MLPBaseline(40, 10, w)
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - 100_000) / 100_000 < 0.02
+    assert m.flops_per_sample() > 0 and math.isfinite(m.flops_per_sample())

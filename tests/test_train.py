@@ -1,0 +1,224 @@
+"""Training, evaluation, checkpoints, resume, NaN handling, the CLI and DDP (small budgets, digits)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dynalay.train import report as R
+from dynalay.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dynalay.train.cli import load_trained
+from dynalay.train.data import load_data
+from dynalay.train.trainer import TrainConfig, Trainer, TrainingDiverged
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(dataset="digits", hidden=64, warmup_epochs=15, agent_epochs=10, joint_epochs=2, mlp_epochs=10,
+            timing_repeats=1, knobs=[0.05, 0.15, 0.5], exit_thresholds=[0.0, 0.6, 0.9, 1.01], ckpt_every=2)
+TINY_FLAGS = ["--dataset", "digits", "--hidden", "64", "--warmup-epochs", "15", "--agent-epochs", "10",
+              "--joint-epochs", "2", "--mlp-epochs", "10", "--timing-repeats", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", 0.2, split_seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(digits, tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    tr = Trainer(TrainConfig(**TINY), digits, str(d), progress=False, log=lambda *a: None)
+    model, mlp = tr.fit()
+    return tr, model, mlp, str(d)
+
+
+def _accuracy(logits, y):
+    return float((logits.argmax(1) == y).double().mean())
+
+
+def test_tiny_end_to_end_beats_chance(trained, digits):
+    tr, model, mlp, _ = trained
+    res = R.evaluate(model, mlp, digits, tr.cfg, timing=False)
+    m = res["models"]
+    for name in ("dynalay", "static", "mlp"):
+        assert m[name]["accuracy"] > 0.85, (name, m[name])  # chance is 0.10
+    assert m["dynalay"]["flops_per_sample"] < m["static"]["flops_per_sample"]
+    assert len(res["pareto"]) == 3 and len(res["truncation"]) == 5 and len(res["early_exit"]) == 4
+    rep = R.aggregate([dict(res, seed=0)])
+    assert "targets" in rep and rep["targets"]["flops_ratio_vs_static"] < 1
+    assert "dynalay" in R.format_table(rep)
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(trained, digits):
+    tr, model, mlp, d = trained
+    path = os.path.join(d, "checkpoint.pt")
+    cfg, data, m2, mlp2, ck = load_trained(path)
+    assert ck["complete"]
+    x = digits.test.x
+    with torch.no_grad():
+        for lam in (0.05, 0.15, 0.5):
+            a, b = model.run(x, lam=lam), m2.run(x, lam=lam)
+            assert torch.equal(a.logits, b.logits) and torch.equal(a.flops, b.flops)
+        assert torch.equal(model.run_static(x).logits, m2.run_static(x).logits)
+        assert torch.equal(mlp(x), mlp2(x))
+    assert m2.default_lam == model.default_lam
+
+
+def test_corrupt_and_mismatched_checkpoints_fail_clearly(trained, tmp_path):
+    _, _, _, d = trained
+    good = os.path.join(d, "checkpoint.pt")
+    raw = open(good, "rb").read()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(str(trunc))
+    flipped = tmp_path / "flipped.pt"
+    ck = torch.load(good, weights_only=True)
+    ck["state"]["model"]["encoder.weight"][0, 0] += 1.0  # tensor bytes no longer match the digest
+    torch.save(ck, str(flipped))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(str(flipped))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not a dynalay checkpoint"):
+        load_checkpoint(str(foreign))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(good, expect={"dataset": "mnist1d"})
+    # a checkpoint of another architecture cannot be resumed into this one
+    other = Trainer(TrainConfig(**dict(TINY, hidden=32)), load_data("digits", 0.2), str(tmp_path / "o"),
+                    progress=False)
+    with pytest.raises(CheckpointError, match="does not match"):
+        other.resume(good)
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    p = tmp_path / "c.pt"
+    save_checkpoint(str(p), {"state": {"w": torch.ones(2)}})
+    before = p.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(str(p), {"state": {"w": torch.zeros(2)}})
+    assert p.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["c.pt"]
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="non-finite"):
+        save_checkpoint(str(p), {"state": {"w": torch.tensor([float("nan")])}})
+
+
+def test_nan_loss_stops_training_without_a_checkpoint(tmp_path):
+    data = load_data("digits", 0.2)
+    data.fit.x[3, 5] = float("nan")
+    run = tmp_path / "nan"
+    tr = Trainer(TrainConfig(**dict(TINY, mlp_epochs=0)), data, str(run), progress=False)
+    with pytest.raises(TrainingDiverged, match="nan"):
+        tr.fit()
+    assert not (run / "checkpoint.pt").exists()
+
+
+def test_resume_continues_exactly(digits, tmp_path, monkeypatch):
+    cfg = dict(TINY, warmup_epochs=4, agent_epochs=4, joint_epochs=2, mlp_epochs=2, ckpt_every=1)
+    full = Trainer(TrainConfig(**cfg), digits, str(tmp_path / "a"), progress=False)
+    full.fit()
+    calls = {"n": 0}
+    real = Trainer._run_epoch
+
+    def interrupted(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:  # in the middle of the agent phase
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", interrupted)
+    part = Trainer(TrainConfig(**cfg), digits, str(tmp_path / "b"), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    monkeypatch.setattr(Trainer, "_run_epoch", real)
+    again = Trainer(TrainConfig(**cfg), digits, str(tmp_path / "b"), progress=False)
+    assert again.resume() and (again.phase, again.epoch) == (2, 1)
+    again.fit()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+    for k, v in full.mlp.state_dict().items():
+        assert torch.equal(v, again.mlp.state_dict()[k]), k
+
+
+def _check_report(rep):
+    assert rep["dataset"] == "digits"
+    for name in ("dynalay", "static", "mlp"):
+        e = rep["models"][name]
+        for k in ("accuracy", "fpi_iters_per_sample", "flops_per_sample", "wall_time_s", "batch_size"):
+            assert k in e, (name, k)
+    for curve, key in (("pareto", "knob"), ("truncation", "budget"), ("early_exit", "threshold")):
+        assert rep[curve] and all({key, "accuracy", "flops_per_sample", "wall_time_s"} <= set(p)
+                                  for p in rep[curve])
+    assert isinstance(rep["difficulty"], dict)
+
+
+def test_cli_train_then_eval_reproduces(tmp_path):
+    out = tmp_path / "cli"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "dynalay", "train", "--seeds", "1", "--out", str(out)] + TINY_FLAGS,
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "static" in r.stdout and (out / "accuracy_vs_compute.png").stat().st_size > 1000
+    rep = json.loads((out / "report.json").read_text())
+    _check_report(rep)
+    assert rep["models"]["dynalay"]["accuracy"] > 0.85
+    r2 = subprocess.run([sys.executable, "-m", "dynalay", "eval", "--checkpoint", str(out), "--no-timing"],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    rep2 = json.loads((out / "eval" / "report.json").read_text())
+    for name in ("dynalay", "static", "mlp"):
+        assert rep2["models"][name]["accuracy"] == rep["models"][name]["accuracy"]
+        assert rep2["models"][name]["flops_per_sample"] == rep["models"][name]["flops_per_sample"]
+    # refusing to overwrite, and a clear error for a corrupt checkpoint
+    r3 = subprocess.run([sys.executable, "-m", "dynalay", "train", "--seeds", "1", "--out", str(out)] + TINY_FLAGS,
+                        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r3.returncode == 2 and "--resume" in r3.stderr
+    ck = out / "seed0" / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    r4 = subprocess.run([sys.executable, "-m", "dynalay", "eval", "--checkpoint", str(ck), "--no-timing"],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r4.returncode == 1 and "corrupt" in r4.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "dynalay", "train", "--seeds", "1",
+           "--out", str(out)] + TINY_FLAGS
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "2 rank(s)" in r.stdout
+    rep = json.loads((out / "report.json").read_text())
+    _check_report(rep)
+    assert rep["world_size"] == 2
+    assert rep["models"]["static"]["accuracy"] > 0.85 and rep["models"]["dynalay"]["accuracy"] > 0.8
+    # only rank 0 wrote: one checkpoint, no stray temporary files
+    assert sorted(p.name for p in (out / "seed0").iterdir()) == ["checkpoint.pt", "result.json"]
+
+
+def test_latency_cost_table_option(digits):
+    from dynalay.train.reward import RewardConfig
+
+    cfg = TrainConfig(**dict(TINY, hidden=32, warmup_epochs=2, agent_epochs=1, joint_epochs=0, mlp_epochs=0))
+    cfg.reward = RewardConfig(cost="latency")
+    tr = Trainer(cfg, digits, None, progress=False)
+    tr.fit()
+    lat = tr.model.latency_ms
+    assert (lat[:-1] > 0).all() and lat[-1] == 0  # measured per layer at start-up; NOP costs nothing
