@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
     try:
         from .train.cli import add_commands
+    except ImportError as e:  # e.g. a training dependency (tqdm, scikit-learn, mnist1d) is missing
+        print(f"dynalay: `train` and `eval` are unavailable: {e} (pip install 'dynalay[train]')", file=sys.stderr)
+    else:
         add_commands(sub)
-    except ImportError:
-        pass
     return p
 
 

@@ -386,11 +386,22 @@ void solve_group(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, 
   if (n == 0) return;
   AndersonState<T> and_state;
   if (cfg.anderson) and_state.init(n, cfg.m, H);
-  // block rows: ~128 KiB of iterate per block, at least 8 rows, and enough blocks for the threads
+  // Block rows: ~128 KiB of iterate per block (8 to 256 rows).  A group is split across threads
+  // only when each thread gets at least kMinBlockFlops of work per iteration: small groups (late
+  // DynaLay steps, small batches) run on the calling thread, where a parallel region would cost
+  // more than it saves.
+  constexpr int64_t kMinBlockFlops = int64_t(1) << 21;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t flops_per_row = 2 * H * H;
   int64_t bm = std::max<int64_t>(8, std::min<int64_t>(256, (32768 + H - 1) / H));
-  bm = std::min(bm, std::max<int64_t>(8, (n + threads - 1) / threads));
+  const int64_t min_rows = std::max<int64_t>(8, (kMinBlockFlops + flops_per_row - 1) / flops_per_row);
+  bm = std::max(std::min(bm, (n + threads - 1) / threads), min_rows);
   const int64_t nblocks = (n + bm - 1) / bm;
+  if (nblocks == 1) {
+    solve_block<T>(C, D, Z, M.detach(), ids.data(), cfg.anderson ? &and_state : nullptr, 0, cfg, out_z, out_iters,
+                   out_res, out_conv);
+    return;
+  }
   const bool has_d = D.defined();
   const at::Tensor Mc = M.detach();
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {

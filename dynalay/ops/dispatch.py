@@ -10,13 +10,14 @@ Ops (namespace ``dynalay``):
 """
 from __future__ import annotations
 
+import functools
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ._common import SolverConfig, check_finite, check_tensor, compute_dtype, report, run_solve
+from ._common import SolverConfig, cast_for, check_finite, check_tensor, compute_dtype, report, run_solve
 from .fixed_point import (check_backward_args, grouped_linear, grouped_wgrad, implicit_grads, phantom_grads,
                           resolve_backward_config)
 
@@ -113,7 +114,8 @@ def _step_forward(backend: str, h: Tensor, actions: Tensor, U: Tensor, W: Tensor
     if hasattr(be, "dynamic_step"):  # fused: projection + solve on the same tiles
         return be.dynamic_step(h, actions, U, W, b, *cfg)
     L = U.shape[0]
-    inj = grouped_linear(h, U, b, actions, False, backend)
+    hc, Uc, bc = cast_for(backend, h, U, b)  # already below autograd: call the backend directly
+    inj = be.grouped_linear(hc, Uc, bc, actions, False)
     z, it, res, conv = run_solve(backend, inj, W, None, actions, None, False, cfg)
     h_new = torch.where((actions == L).unsqueeze(1), h.to(z.dtype), z)
     return h_new, it, conv, res
@@ -182,6 +184,17 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
 dynamic_step_op.register_autograd(_step_backward, setup_context=_step_setup)
 
 
+@functools.lru_cache(maxsize=64)
+def _prepare(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backward, backward_tol, backward_max_iter,
+             backward_solver, phantom_steps, phantom_damping, check) -> tuple:
+    """Validated op arguments for a solver configuration (memoised: a training loop calls the op
+    with the same settings every step; validation errors are raised, never cached)."""
+    cfg = SolverConfig(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps).validate()
+    check_backward_args(backward, phantom_steps, phantom_damping, check)
+    bcfg = resolve_backward_config(cfg, backward_tol, backward_max_iter, backward_solver)
+    return cfg.op_args() + (backward,) + bcfg.op_args() + (int(phantom_steps), float(phantom_damping), check)
+
+
 def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *, tol: float = 1e-4,
                  max_iter: int = 50, solver: str = "picard", backward: str = "implicit", damping: float = 1.0,
                  anderson_m: int = 5, anderson_lam: float = 1e-6, eps: float = 1e-12,
@@ -210,16 +223,15 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     check_tensor("b", b, 2, dtype=h.dtype, device=h.device)
     if tuple(b.shape) != (L, H):
         raise ValueError(f"b must have shape ({L}, {H}) (got {tuple(b.shape)})")
-    cfg = SolverConfig(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps).validate()
-    check_backward_args(backward, phantom_steps, phantom_damping, check)
-    bcfg = resolve_backward_config(cfg, backward_tol, backward_max_iter, backward_solver)
+    key = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backward, backward_tol, backward_max_iter,
+           backward_solver, phantom_steps, phantom_damping, check)
+    solve_args = _prepare(*key) if not torch.compiler.is_compiling() else _prepare.__wrapped__(*key)
     _check_actions(actions, B, L, h.device, check)
     check_finite(check, h=h, U=U, W=W, b=b)
-    be = backends.select(h.device, h.dtype, (cfg.solver,), backend)
-    b_be = backends.select(h.device, h.dtype, (bcfg.solver,), backend)
-    h_new, it, conv, res = dynamic_step_op(h, actions, U, W, b, *cfg.op_args(), backward, *bcfg.op_args(),
-                                           int(phantom_steps), float(phantom_damping), check, be, b_be)
-    report("forward", conv, res, cfg.max_iter, check)
+    be = backends.select(h.device, h.dtype, (solver,), backend)
+    b_be = backends.select(h.device, h.dtype, (solve_args[10],), backend)  # backward solver
+    h_new, it, conv, res = dynamic_step_op(h, actions, U, W, b, *solve_args, be, b_be)
+    report("forward", conv, res, max_iter, check)
     return DynamicStepResult(h_new, it, conv)
 
 
