@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -398,7 +399,9 @@ void solve_group(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t flops_per_row = 2 * H * H;
   int64_t bm = std::max<int64_t>(8, std::min<int64_t>(256, (32768 + H - 1) / H));
-  const int64_t min_rows = std::max<int64_t>(8, (kMinBlockFlops + flops_per_row - 1) / flops_per_row);
+  int64_t min_rows = std::max<int64_t>(8, (kMinBlockFlops + flops_per_row - 1) / flops_per_row);
+  static const char* force = std::getenv("DYNALAY_CPU_BLOCK_ROWS");  // tuning/diagnosis only
+  if (force != nullptr && std::atoll(force) > 0) { bm = std::atoll(force); min_rows = bm; }
   bm = std::max(std::min(bm, (n + threads - 1) / threads), min_rows);
   const int64_t nblocks = (n + bm - 1) / bm;
   if (nblocks == 1) {
