@@ -20,7 +20,6 @@ import importlib
 import importlib.util
 import math
 import os
-import platform
 import time
 import weakref
 from functools import lru_cache
@@ -82,16 +81,8 @@ def _triton_version() -> Optional[str]:
 def device_name() -> str:
     if ON_CUDA:
         return torch.cuda.get_device_name(DEVICE)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return name
+    from dynalay._ext import cpu_name
+    return cpu_name()
 
 
 def env_info() -> Dict[str, object]:

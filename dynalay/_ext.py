@@ -61,3 +61,18 @@ def warn_fallback_once(key: str, message: str) -> None:
         return
     _warned.add(key)
     warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for benchmark and report headers)."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name

@@ -265,15 +265,8 @@ def aggregate(seed_results: List[dict], meta: Optional[dict] = None) -> dict:
 
 def machine_info() -> dict:
     from .trainer import available_cpus
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from .._ext import cpu_name
+    cpu = cpu_name()
     return dict(cpu=cpu, cpus_available=available_cpus(), torch=torch.__version__,
                 torch_threads=torch.get_num_threads(), python=platform.python_version(),
                 platform=platform.platform())
