@@ -72,6 +72,32 @@ def test_dynamic_step_gradients_match_torch_ref(backend, kind, gen):
         assert rel_err(g1, g0) < 1e-9, name
 
 
+@pytest.mark.parametrize("which", ["h", "U", "W", "b", "hW", "Ub"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_cpp_backward_with_some_inputs_frozen(which, dtype, gen):
+    """The cpp backend's one-call backward computes only what autograd asks for; every subset
+    must give the torch oracle's gradients (and None elsewhere), in float32 and float64."""
+    if dynalay.backends.availability_error("cpp"):
+        pytest.skip("cpp backend not built")
+    B, H, L = 33, 20, 3
+    params = make_step_params(B, H, L, dtype, gen)
+    a = make_actions("nop90", B, L, gen)
+    a[:6] = torch.tensor([0, 1, 2, 0, 3, 3])  # every layer and NOP present
+    G = torch.randn(B, H, generator=gen, dtype=dtype)
+    out = []
+    for be in ("torch", "cpp"):
+        ps = [p.clone().requires_grad_(n in which) for n, p in zip("hUWb", params)]
+        r = dynalay.dynamic_step(ps[0], a, *ps[1:], backend=be, tol=1e-7 if dtype == torch.float32 else 1e-11,
+                                 max_iter=300)
+        (r.h * G).sum().backward()
+        out.append([p.grad for p in ps])
+    for n, g0, g1 in zip("hUWb", *out):
+        if n in which:
+            assert g1 is not None and g1.dtype == dtype and rel_err(g1, g0) < (1e-4 if dtype == torch.float32 else 1e-9), n
+        else:
+            assert g1 is None, n
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("backward", ["implicit", "phantom"])
 def test_dynamic_step_gradcheck(backend, backward, gen):
@@ -113,6 +139,69 @@ def test_dynamic_step_deterministic(backend, gen):
         outs.append([r.h.detach(), r.iters] + [p.grad for p in ps])
     for x, y in zip(*outs):
         assert torch.equal(x, y)
+
+
+_BLOCKING_SCRIPT = r"""
+import sys, torch, dynalay
+torch.set_num_threads(int(sys.argv[1]))
+g = torch.Generator().manual_seed(3)
+B, H, L = 1500, 64, 3
+a = torch.randint(0, L + 1, (B,), generator=g)
+a[:1200] = 0  # one big group: split into several blocks
+h = torch.randn(B, H, generator=g)
+U = torch.randn(L, H, H, generator=g) / H ** 0.5
+W = torch.randn(L, H, H, generator=g)
+W = 0.9 * W / torch.linalg.matrix_norm(W, 2).view(L, 1, 1)
+b = 0.1 * torch.randn(L, H, generator=g)
+out = {}
+for solver in ("picard", "anderson"):
+    ps = [t.clone().requires_grad_() for t in (h, U, W, b)]
+    r = dynalay.dynamic_step(ps[0], a, *ps[1:], solver=solver, backend="cpp")
+    (r.h * torch.linspace(-1, 1, H)).sum().backward()
+    out[solver] = [r.h.detach(), r.iters] + [p.grad for p in ps]
+    f = dynalay.fixed_point(h @ U[0].t(), W[0], solver=solver, backend="cpp")
+    out[solver] += [f.z, f.iters]
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(dynalay.backends.availability_error("cpp") is not None, reason="cpp backend not built")
+def test_cpp_results_do_not_depend_on_the_thread_count(tmp_path):
+    """The C++ solve cuts groups into blocks (a function of the group size and H only) that
+    threads take from one work list: the thread count must not change a single bit of the
+    outputs or the iteration counts (the gradients' weight reductions are GEMMs over the batch,
+    which MKL splits by thread: equal to rounding).  Forcing another block size
+    (DYNALAY_CPU_BLOCK_ROWS, a diagnostic) changes the GEMM's rounding only."""
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(_BLOCKING_SCRIPT)
+
+    def run(threads, rows=None):
+        env = dict(os.environ)
+        env.pop("DYNALAY_CPU_BLOCK_ROWS", None)
+        if rows:
+            env["DYNALAY_CPU_BLOCK_ROWS"] = rows
+        path = tmp_path / f"out_{threads}_{rows}.pt"
+        p = subprocess.run([sys.executable, str(script), str(threads), str(path)], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return torch.load(path)
+
+    one, two, three = run(1), run(2), run(3)
+    small = run(2, "8")
+    fwd = (0, 1, 6, 7)  # h, iters, fixed_point z, iters: bitwise whatever the thread count
+    for solver in ("picard", "anderson"):
+        for i, (x, y, z) in enumerate(zip(one[solver], two[solver], three[solver])):
+            if i in fwd:
+                assert torch.equal(x, y) and torch.equal(x, z), (solver, i)
+            else:  # gradients: the weight reductions are MKL GEMMs over the batch (thread-split)
+                assert rel_err(y, x) < 1e-6 and rel_err(z, x) < 1e-6, (solver, i)
+        for x, y in zip(one[solver], small[solver]):
+            if x.is_floating_point():
+                assert rel_err(y, x) < 1e-5, solver
+            else:
+                assert (x - y).abs().max() <= 1, solver
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -280,6 +280,26 @@ def test_bad_input_is_rejected_with_the_argument_named(case):
         fn(inj, W)
 
 
+def test_finite_check_has_no_false_alarm_on_overflowing_sums_and_catches_every_non_finite():
+    """check_finite's fast path sums each tensor: a sum that overflows must fall back to the exact
+    check (large finite inputs are legal), and +Inf/-Inf pairs or a lone NaN must still be caught."""
+    from dynalay.ops._common import check_finite
+    big = torch.full((64, 8), 3e38)
+    check_finite("raise", inj=big)  # sum overflows to inf, every element finite: accepted
+    check_finite("raise", inj=big.half().float().clamp(max=6e4).half())  # fp16 near its max
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for pos in (0, 37, 511):
+            t = torch.randn(64, 8)
+            t.view(-1)[pos] = bad
+            with pytest.raises(ValueError, match="second contains NaN or Inf"):
+                check_finite("warn", first=torch.randn(3, 3), second=t, third=None)
+    pair = torch.zeros(10)
+    pair[2], pair[7] = float("inf"), -float("inf")
+    with pytest.raises(ValueError, match="x contains"):
+        check_finite("warn", x=pair)
+    check_finite("none", x=pair)  # check="none" skips
+
+
 def test_empty_batch_is_fine():
     r = dynalay.fixed_point(torch.zeros(0, 5), make_W(5, dtype=torch.float32))
     assert r.z.shape == (0, 5) and r.iters.shape == (0,)

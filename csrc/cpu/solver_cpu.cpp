@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <string>
 #include <vector>
@@ -378,59 +379,99 @@ void solve_block(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, 
   for (int64_t r = 0; r < na; ++r) std::memcpy(out_z + ids[r] * H, Zp + r * H, sizeof(T) * H);
 }
 
-// One group: rows `ids` (global row numbers), constant term C (n,H), optional D (n,H),
-// initial iterate Z (n,H) (private copies).  The rows are cut into blocks that threads solve
-// independently to the end (like the GPU tiles): a block's iterate, constant term and GEMM
-// output stay in cache across iterations and no thread waits for another between iterations.
-// Results do not depend on the blocking (each row's arithmetic is the same).
+// Rows still to solve, laid out group after group ("packed" order): row p of C/D/Z belongs
+// to layer `layer_of` its group and to global row ids[p].  The groups are cut into blocks
+// that threads solve independently to the end (like the GPU tiles): a block's iterate,
+// constant term and GEMM output stay in cache across iterations and no thread waits for
+// another between iterations.  All the blocks of all the groups form one work list, taken
+// largest first by whichever thread is free (the groups of a DynaLay step differ in size
+// and in convergence speed).  Results do not depend on the blocking or on the schedule:
+// each row's arithmetic is the same.
+struct Block {
+  int64_t layer, r0, len;
+};
+
+int64_t block_rows(int64_t n, int64_t H) {
+  // ~128 KiB of iterate per block (8 to 256 rows), and up to 4 blocks when that leaves each
+  // block at least kMinBlockFlops of work per iteration (so that mid-sized groups still keep
+  // a few threads busy); small groups (late DynaLay steps, small batches) stay in one block,
+  // where a split would cost more than it saves.  The blocking depends on (n, H) only, never
+  // on the thread count: the GEMM's rounding can depend on its row count, and results must
+  // be the same with 1 thread or 64.
+  constexpr int64_t kMinBlockFlops = int64_t(1) << 21;
+  const int64_t flops_per_row = 2 * H * H;
+  int64_t target = std::max<int64_t>(8, std::min<int64_t>(256, (32768 + H - 1) / H));
+  int64_t min_rows = std::max<int64_t>(8, (kMinBlockFlops + flops_per_row - 1) / flops_per_row);
+  static const char* force = std::getenv("DYNALAY_CPU_BLOCK_ROWS");  // tuning/diagnosis only
+  if (force != nullptr && std::atoll(force) > 0) return std::atoll(force);
+  const int64_t nblocks = std::max<int64_t>({1, (n + target - 1) / target, std::min<int64_t>(4, n / min_rows)});
+  return (n + nblocks - 1) / nblocks;
+}
+
+// C, D (or undefined), Z: (n, H) private, contiguous, packed; offsets (L+1): group l is packed
+// rows [offsets[l], offsets[l+1]); M (L, H, H): the matrix each group's GEMM multiplies by
+// (row-major z @ M[l]).
 template <typename T>
-void solve_group(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, std::vector<int64_t> ids,
-                 const Cfg& cfg, T* out_z, int32_t* out_iters, T* out_res, bool* out_conv) {
+void solve_packed(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, const std::vector<int64_t>& offsets,
+                  std::vector<int64_t>& ids, const Cfg& cfg, T* out_z, int32_t* out_iters, T* out_res,
+                  bool* out_conv) {
   const int64_t n = C.size(0);
   const int64_t H = C.size(1);
   if (n == 0) return;
+  const int64_t L = static_cast<int64_t>(offsets.size()) - 1;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<Block> blocks;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t g0 = offsets[l], gn = offsets[l + 1] - offsets[l];
+    if (gn == 0) continue;
+    const int64_t bm = block_rows(gn, H);
+    for (int64_t r = 0; r < gn; r += bm) blocks.push_back({l, g0 + r, std::min(bm, gn - r)});
+  }
   AndersonState<T> and_state;
   if (cfg.anderson) and_state.init(n, cfg.m, H);
-  // Block rows: ~128 KiB of iterate per block (8 to 256 rows).  A group is split across threads
-  // only when each thread gets at least kMinBlockFlops of work per iteration: small groups (late
-  // DynaLay steps, small batches) run on the calling thread, where a parallel region would cost
-  // more than it saves.
-  constexpr int64_t kMinBlockFlops = int64_t(1) << 21;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t flops_per_row = 2 * H * H;
-  int64_t bm = std::max<int64_t>(8, std::min<int64_t>(256, (32768 + H - 1) / H));
-  int64_t min_rows = std::max<int64_t>(8, (kMinBlockFlops + flops_per_row - 1) / flops_per_row);
-  static const char* force = std::getenv("DYNALAY_CPU_BLOCK_ROWS");  // tuning/diagnosis only
-  if (force != nullptr && std::atoll(force) > 0) { bm = std::atoll(force); min_rows = bm; }
-  bm = std::max(std::min(bm, (n + threads - 1) / threads), min_rows);
-  const int64_t nblocks = (n + bm - 1) / bm;
-  if (nblocks == 1) {
-    solve_block<T>(C, D, Z, M.detach(), ids.data(), cfg.anderson ? &and_state : nullptr, 0, cfg, out_z, out_iters,
-                   out_res, out_conv);
+  const at::Tensor Mc = M.detach();
+  const bool has_d = D.defined();
+  auto run_block = [&](const Block& bk) {
+    solve_block<T>(C.narrow(0, bk.r0, bk.len), has_d ? D.narrow(0, bk.r0, bk.len) : at::Tensor(),
+                   Z.narrow(0, bk.r0, bk.len), Mc[bk.layer], ids.data() + bk.r0,
+                   cfg.anderson ? &and_state : nullptr, bk.r0, cfg, out_z, out_iters, out_res, out_conv);
+  };
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  if (nb == 1 || threads == 1) {
+    for (const Block& bk : blocks) run_block(bk);
     return;
   }
-  const bool has_d = D.defined();
-  const at::Tensor Mc = M.detach();
+  // largest first (stable: ties keep the packed order)
+  std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.len > b.len; });
 #ifdef _OPENMP
   // Each block's GEMM must run on its own thread: MKL would otherwise open a nested OpenMP team
   // per block (measured: 2 threads 23.5 ms -> 13.8 ms for B=4096, H=128, L=4).  Restored below.
   const int prev_levels = omp_get_max_active_levels();
   omp_set_max_active_levels(1);
-#endif
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    // worker threads do not inherit the caller's dispatch state: run the ATen calls of the
+  std::exception_ptr error;
+  std::atomic<int64_t> next{0};  // work-list cursor (scheduling only: results do not depend on it)
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, nb)))
+  {
+    // OpenMP workers do not inherit the caller's dispatch state: run the ATen calls of the
     // block below autograd, as the op itself is (its inputs may require grad)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * bm;
-      const int64_t len = std::min(bm, n - r0);
-      solve_block<T>(C.narrow(0, r0, len), has_d ? D.narrow(0, r0, len) : at::Tensor(), Z.narrow(0, r0, len), Mc,
-                     ids.data() + r0, cfg.anderson ? &and_state : nullptr, r0, cfg, out_z, out_iters, out_res,
-                     out_conv);
+    for (int64_t i = next++; i < nb; i = next++) {
+      try {
+        run_block(blocks[i]);
+      } catch (...) {  // an exception must not leave an OpenMP region: keep the first, rethrow below
+#pragma omp critical(dynalay_solve_error)
+        if (!error) error = std::current_exception();
+        next = nb;
+      }
     }
-  });
-#ifdef _OPENMP
+  }
   omp_set_max_active_levels(prev_levels);
+  if (error) std::rethrow_exception(error);
+#else
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t i = b0; i < b1; ++i) run_block(blocks[i]);
+  });
 #endif
 }
 
@@ -471,44 +512,208 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fp_solve_cpu(
   const bool grouped = actions.has_value() && actions->defined();
   TORCH_CHECK(grouped || L == 1, "dynalay: W with several layers needs actions");
 
+  const bool has_z0 = z0.has_value() && z0->defined();
+  std::vector<int64_t> offsets, perm;
+  if (grouped) {
+    TORCH_CHECK(actions->dim() == 1 && actions->size(0) == B && actions->scalar_type() == at::kLong,
+                "dynalay: actions must be (B,) int64");
+    group_rows(*actions, L, offsets, perm);
+    bool* cp = conv.data_ptr<bool>();
+    for (int64_t i = offsets[L]; i < offsets[L + 1]; ++i) cp[perm[i]] = true;  // NOP rows
+    offsets.pop_back();  // offsets[0..L]: the solved groups
+    perm.resize(offsets[L]);
+  } else {
+    offsets = {0, B};
+    perm.resize(B);
+    for (int64_t i = 0; i < B; ++i) perm[i] = i;
+  }
+  const int64_t n = offsets.back();
+  // private packed copies (the solve compacts them in place)
+  at::Tensor rows = at::from_blob(perm.data(), {n}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor C = grouped ? cc.index_select(0, rows) : cc.clone();
+  at::Tensor D = adjoint ? (grouped ? d->index_select(0, rows) : d->contiguous().clone()) : at::Tensor();
+  at::Tensor Z = has_z0 ? (grouped ? z0->index_select(0, rows) : out_z.clone()) : at::zeros_like(C);
+  at::Tensor M = adjoint ? W : W.transpose(1, 2);
+
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "dynalay_fp_solve_cpu", [&] {
-    using T = scalar_t;
-    auto run = [&](const at::Tensor& rows_t, std::vector<int64_t> ids, int64_t layer) {
-      at::Tensor M = adjoint ? W[layer] : W[layer].t();
-      at::Tensor C, D, Z;
-      if (rows_t.defined()) {
-        C = cc.index_select(0, rows_t);
-        D = adjoint ? d->index_select(0, rows_t).contiguous() : at::Tensor();
-        Z = (z0.has_value() && z0->defined()) ? z0->index_select(0, rows_t).contiguous() : at::zeros_like(C);
-      } else {
-        C = cc.clone();
-        D = adjoint ? d->contiguous().clone() : at::Tensor();
-        Z = out_z.clone();
-      }
-      solve_group<T>(C, D, Z, M, std::move(ids), cfg, out_z.data_ptr<T>(), iters.data_ptr<int32_t>(),
-                     res.data_ptr<T>(), conv.data_ptr<bool>());
-    };
-    if (!grouped) {
-      std::vector<int64_t> ids(B);
-      for (int64_t i = 0; i < B; ++i) ids[i] = i;
-      run(at::Tensor(), std::move(ids), 0);
-    } else {
-      TORCH_CHECK(actions->dim() == 1 && actions->size(0) == B && actions->scalar_type() == at::kLong,
-                  "dynalay: actions must be (B,) int64");
-      std::vector<int64_t> offsets, perm;
-      group_rows(*actions, L, offsets, perm);
-      bool* cp = conv.data_ptr<bool>();
-      for (int64_t i = offsets[L]; i < offsets[L + 1]; ++i) cp[perm[i]] = true;  // NOP rows
-      for (int64_t layer = 0; layer < L; ++layer) {
-        const int64_t n = offsets[layer + 1] - offsets[layer];
-        if (n == 0) continue;
-        std::vector<int64_t> ids(perm.begin() + offsets[layer], perm.begin() + offsets[layer + 1]);
-        at::Tensor rows_t = at::from_blob(ids.data(), {n}, at::TensorOptions().dtype(at::kLong)).clone();
-        run(rows_t, std::move(ids), layer);
-      }
-    }
+    solve_packed<scalar_t>(C, D, Z, M, offsets, perm, cfg, out_z.data_ptr<scalar_t>(), iters.data_ptr<int32_t>(),
+                           res.data_ptr<scalar_t>(), conv.data_ptr<bool>());
   });
   return {out_z, iters, res, conv};
+}
+
+// One DynaLay step, fused: group once, inj = h U[l]^T + b[l] straight into the packed
+// constant term, solve every group, copy the NOP rows of h.  h_new is never zero-filled:
+// every row is written exactly once (by its block or by the NOP copy).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_cpu(
+    const at::Tensor& h, const at::Tensor& actions, const at::Tensor& U, const at::Tensor& W, const at::Tensor& b,
+    double tol, int64_t max_iter, c10::string_view solver, double damping, int64_t anderson_m, double anderson_lam,
+    double eps) {
+  TORCH_CHECK(h.dim() == 2, "dynalay: h must be (B, H)");
+  const int64_t B = h.size(0), H = h.size(1), L = U.size(0);
+  TORCH_CHECK(U.dim() == 3 && U.size(1) == H && U.size(2) == H, "dynalay: U must be (L, H, H)");
+  TORCH_CHECK(W.dim() == 3 && W.size(0) == L && W.size(1) == H && W.size(2) == H, "dynalay: W must be (L, H, H)");
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == L && b.size(1) == H, "dynalay: b must be (L, H)");
+  TORCH_CHECK(h.scalar_type() == U.scalar_type() && h.scalar_type() == W.scalar_type() &&
+                  h.scalar_type() == b.scalar_type(), "dynalay: h, U, W, b dtypes differ");
+  TORCH_CHECK(actions.dim() == 1 && actions.size(0) == B && actions.scalar_type() == at::kLong,
+              "dynalay: actions must be (B,) int64");
+  TORCH_CHECK(solver == "picard" || solver == "anderson", "dynalay: unknown solver");
+  Cfg cfg{false, tol, max_iter, solver == "anderson", damping, anderson_m, anderson_lam, eps};
+  at::Tensor hc = h.contiguous();
+  std::vector<int64_t> offsets, perm;
+  group_rows(actions, L, offsets, perm);
+  at::Tensor out = at::empty_like(hc);
+  at::Tensor iters = at::zeros({B}, h.options().dtype(at::kInt));
+  at::Tensor res = at::zeros({B}, h.options());
+  at::Tensor conv = at::zeros({B}, h.options().dtype(at::kBool));
+  const int64_t n = offsets[L];
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dynalay_dynamic_step_cpu", [&] {
+    using T = scalar_t;
+    const T* hp = hc.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    bool* cp = conv.data_ptr<bool>();
+    for (int64_t i = n; i < B; ++i) {  // NOP rows: pass through, converged, no work
+      std::memcpy(op + perm[i] * H, hp + perm[i] * H, sizeof(T) * H);
+      cp[perm[i]] = true;
+    }
+    if (n == 0) return;
+    offsets.pop_back();
+    perm.resize(n);
+    at::Tensor rows = at::from_blob(perm.data(), {n}, at::TensorOptions().dtype(at::kLong));
+    at::Tensor X = hc.index_select(0, rows);
+    at::Tensor C = at::empty_like(X);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t g0 = offsets[l], gn = offsets[l + 1] - offsets[l];
+      if (gn == 0) continue;
+      at::Tensor Cl = C.narrow(0, g0, gn);
+      at::addmm_out(Cl, b[l], X.narrow(0, g0, gn), U[l].t());
+    }
+    at::Tensor Z = at::zeros_like(C);
+    solve_packed<T>(C, at::Tensor(), Z, W.transpose(1, 2), offsets, perm, cfg, op, iters.data_ptr<int32_t>(),
+                    res.data_ptr<T>(), cp);
+  });
+  return {out, iters, res, conv};
+}
+
+// The implicit (IFT) backward in one call: with d = 1 - z*^2, solve u = d * (g + u W[l]) for
+// every row with a layer (same freeze rule as the forward), then every reduction the autograd
+// formula needs, on the packed rows and per group (no atomics, fixed order):
+//   fixed_point  (h undefined): dx = u (0 on NOP rows),           dW[l] = u_l^T z_l
+//   dynamic_step (h, U given):  dx = u U[l] (g on NOP rows),      dW[l] = u_l^T z_l,
+//                               dU[l] = u_l^T h_l,  db[l] = sum of u_l.
+// Outputs not asked for are empty.  iters/res/conv: the adjoint solve's per-row statistics
+// (NOP rows: 0, 0, true).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_backward_cpu(
+    const at::Tensor& z, const at::Tensor& g, const at::Tensor& W, const c10::optional<at::Tensor>& actions,
+    const c10::optional<at::Tensor>& h, const c10::optional<at::Tensor>& U, bool want_x, bool want_W, bool want_U,
+    bool want_b, double tol, int64_t max_iter, c10::string_view solver, double damping, int64_t anderson_m,
+    double anderson_lam, double eps) {
+  TORCH_CHECK(z.dim() == 2 && g.sizes() == z.sizes(), "dynalay: z and g must be (B, H)");
+  const int64_t B = z.size(0), H = z.size(1), L = W.size(0);
+  TORCH_CHECK(W.dim() == 3 && W.size(1) == H && W.size(2) == H, "dynalay: W must be (L, H, H)");
+  TORCH_CHECK(z.scalar_type() == g.scalar_type() && z.scalar_type() == W.scalar_type(), "dynalay: z, g, W dtypes differ");
+  TORCH_CHECK(solver == "picard" || solver == "anderson", "dynalay: unknown solver");
+  const bool grouped = actions.has_value() && actions->defined();
+  const bool step = h.has_value() && h->defined();
+  TORCH_CHECK(grouped || L == 1, "dynalay: W with several layers needs actions");
+  TORCH_CHECK(!step || (grouped && U.has_value() && U->defined() && h->sizes() == z.sizes() && U->size(0) == L &&
+                        U->size(1) == H && U->size(2) == H && h->scalar_type() == z.scalar_type() &&
+                        U->scalar_type() == z.scalar_type()),
+              "dynalay: the dynamic_step backward needs actions, h (B, H) and U (L, H, H) of z's dtype");
+  Cfg cfg{true, tol, max_iter, solver == "anderson", damping, anderson_m, anderson_lam, eps};
+  std::vector<int64_t> offsets, perm;
+  if (grouped) {
+    TORCH_CHECK(actions->dim() == 1 && actions->size(0) == B && actions->scalar_type() == at::kLong,
+                "dynalay: actions must be (B,) int64");
+    group_rows(*actions, L, offsets, perm);
+  } else {
+    offsets = {0, B, B};
+    perm.resize(B);
+    for (int64_t i = 0; i < B; ++i) perm[i] = i;
+  }
+  const int64_t n = offsets[L];
+  at::Tensor gc = g.contiguous();
+  at::Tensor iters = at::zeros({B}, z.options().dtype(at::kInt));
+  at::Tensor res = at::zeros({B}, z.options());
+  at::Tensor conv = at::ones({B}, z.options().dtype(at::kBool));
+  const at::Tensor none = at::empty({0}, z.options());  // an output not asked for
+  at::Tensor dx = want_x ? at::empty({B, H}, z.options()) : none;
+  at::Tensor dW = want_W ? at::zeros({L, H, H}, z.options()) : none;
+  at::Tensor dU = want_U ? at::zeros({L, H, H}, z.options()) : none;
+  at::Tensor db = want_b ? at::zeros({L, H}, z.options()) : none;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "dynalay_implicit_backward_cpu", [&] {
+    using T = scalar_t;
+    if (want_x) {  // NOP rows: dynamic_step passes g through (h_new = h), fixed_point gives 0
+      const T* gp = gc.data_ptr<T>();
+      T* xp = dx.data_ptr<T>();
+      for (int64_t i = n; i < B; ++i) {
+        if (step) std::memcpy(xp + perm[i] * H, gp + perm[i] * H, sizeof(T) * H);
+        else std::memset(xp + perm[i] * H, 0, sizeof(T) * H);
+      }
+    }
+    if (n == 0) return;
+    std::vector<int64_t> off(offsets.begin(), offsets.begin() + L + 1);
+    std::vector<int64_t> rows_v(perm.begin(), perm.begin() + n);
+    at::Tensor rows = at::from_blob(rows_v.data(), {n}, at::TensorOptions().dtype(at::kLong));
+    at::Tensor Zp = grouped ? z.index_select(0, rows) : z.contiguous();
+    at::Tensor C = grouped ? gc.index_select(0, rows) : gc.clone();
+    at::Tensor D = at::empty_like(Zp);
+    {
+      const T* zp = Zp.data_ptr<T>();
+      T* dp = D.data_ptr<T>();
+      at::parallel_for(0, n * H, 16384, [&](int64_t a, int64_t e) {
+        for (int64_t i = a; i < e; ++i) dp[i] = T(1) - zp[i] * zp[i];
+      });
+    }
+    // the packed solve writes its results in packed order (ids = 0..n-1), unpacked below
+    at::Tensor u = at::empty_like(Zp);
+    at::Tensor it_p = at::zeros({n}, iters.options());
+    at::Tensor res_p = at::zeros({n}, res.options());
+    at::Tensor conv_p = at::zeros({n}, conv.options());
+    std::vector<int64_t> ids(n);
+    for (int64_t i = 0; i < n; ++i) ids[i] = i;
+    solve_packed<T>(C, D, at::zeros_like(C), W, off, ids, cfg, u.data_ptr<T>(), it_p.data_ptr<int32_t>(),
+                    res_p.data_ptr<T>(), conv_p.data_ptr<bool>());
+    if (grouped) {
+      iters.index_copy_(0, rows, it_p);
+      res.index_copy_(0, rows, res_p);
+      conv.index_copy_(0, rows, conv_p);
+    } else {
+      iters.copy_(it_p);
+      res.copy_(res_p);
+      conv.copy_(conv_p);
+    }
+    at::Tensor Xp = step && want_U ? h->index_select(0, rows) : at::Tensor();
+    at::Tensor dxp = (want_x && step) ? at::empty_like(u) : at::Tensor();
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t g0 = off[l], gn = off[l + 1] - off[l];
+      if (gn == 0) continue;
+      at::Tensor ul = u.narrow(0, g0, gn);
+      if (want_W) {
+        at::Tensor o = dW[l];
+        at::mm_out(o, ul.t(), Zp.narrow(0, g0, gn));
+      }
+      if (want_U) {
+        at::Tensor o = dU[l];
+        at::mm_out(o, ul.t(), Xp.narrow(0, g0, gn));
+      }
+      if (want_b) {
+        at::Tensor o = db[l];
+        at::sum_out(o, ul, {0});
+      }
+      if (want_x && step) {
+        at::Tensor dl = dxp.narrow(0, g0, gn);
+        at::mm_out(dl, ul, (*U)[l]);
+      }
+    }
+    if (want_x) {
+      const at::Tensor& src = step ? dxp : u;
+      if (grouped) dx.index_copy_(0, rows, src);
+      else dx.copy_(src);
+    }
+  });
+  return {dx, dW, dU, db, iters, res, conv};
 }
 
 at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& U, const c10::optional<at::Tensor>& b,
@@ -551,6 +756,8 @@ at::Tensor grouped_wgrad_cpu(const at::Tensor& u, const at::Tensor& x, const c10
 
 TORCH_LIBRARY_IMPL(dynalay_C, CPU, m) {
   m.impl("fp_solve", &fp_solve_cpu);
+  m.impl("dynamic_step", &dynamic_step_cpu);
+  m.impl("implicit_backward", &implicit_backward_cpu);
   m.impl("grouped_linear", &grouped_linear_cpu);
   m.impl("grouped_wgrad", &grouped_wgrad_cpu);
 }

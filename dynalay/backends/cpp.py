@@ -21,6 +21,56 @@ def fp_solve(c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor
     return _ops().fp_solve(c, W, d, actions, z0, adjoint, tol, max_iter, solver, damping, m, lam, eps)
 
 
+def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, tol: float, max_iter: int, solver: str,
+                 damping: float, m: int, lam: float, eps: float):
+    """Fused DynaLay step (one grouping; projection into the packed constant term; every group's
+    blocks on one work list; NOP rows copied from h).  Iterates in the compute dtype."""
+    cd = torch.float64 if h.dtype == torch.float64 else torch.float32
+    h, U, W, b = (t.to(cd) for t in (h, U, W, b))
+    z, it, res, conv = _ops().dynamic_step(h, actions, U, W, b, tol, max_iter, solver, damping, m, lam, eps)
+    return z, it, conv, res
+
+
+def implicit_backward(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], h: Optional[Tensor],
+                      U: Optional[Tensor], want_x: bool, want_W: bool, want_U: bool, want_b: bool, tol: float,
+                      max_iter: int, solver: str, damping: float, m: int, lam: float, eps: float):
+    """The implicit backward in one call (adjoint solve plus every per-group reduction); see
+    csrc/cpu/solver_cpu.cpp.  Returns (dx, dW, dU, db, iters, res, conv) in the compute dtype;
+    outputs not asked for are None."""
+    cd = torch.float64 if z.dtype == torch.float64 else torch.float32
+    z, g, W = z.to(cd), g.to(cd), W.to(cd)
+    h = None if h is None else h.to(cd)
+    U = None if U is None else U.to(cd)
+    out = _ops().implicit_backward(z, g, W, actions, h, U, want_x, want_W, want_U, want_b, tol, max_iter, solver,
+                                   damping, m, lam, eps)
+    wants = (want_x, want_W, want_U, want_b)
+    return tuple(t if w else None for t, w in zip(out[:4], wants)) + tuple(out[4:])
+
+
+def _register_fakes() -> None:
+    """Shapes of the fused ops for tracing (torch.compile traces the autograd backward that calls
+    implicit_backward, and a compiled forward may call dynamic_step)."""
+    lib = torch.library
+
+    @lib.register_fake("dynalay_C::dynamic_step")
+    def _(h, actions, U, W, b, tol, max_iter, solver, damping, m, lam, eps):
+        B, H = h.shape
+        return (h.new_empty(B, H), h.new_empty(B, dtype=torch.int32), h.new_empty(B),
+                h.new_empty(B, dtype=torch.bool))
+
+    @lib.register_fake("dynalay_C::implicit_backward")
+    def _(z, g, W, actions, h, U, want_x, want_W, want_U, want_b, tol, max_iter, solver, damping, m, lam, eps):
+        B, H = z.shape
+        L = W.shape[0]
+        return (z.new_empty(B, H) if want_x else z.new_empty(0), z.new_empty(L, H, H) if want_W else z.new_empty(0),
+                z.new_empty(L, H, H) if want_U else z.new_empty(0), z.new_empty(L, H) if want_b else z.new_empty(0),
+                z.new_empty(B, dtype=torch.int32), z.new_empty(B), z.new_empty(B, dtype=torch.bool))
+
+
+if not _ext.cpp_error():
+    _register_fakes()
+
+
 def grouped_linear(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, transpose: bool) -> Tensor:
     return _ops().grouped_linear(x, U, b, actions, transpose)
 

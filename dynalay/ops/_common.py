@@ -91,8 +91,18 @@ def check_finite(check: str, **tensors: Optional[Tensor]) -> None:
     """Reject NaN/Inf inputs (one host read per tensor; skipped under compile or check='none')."""
     if check == "none" or torch.compiler.is_compiling():
         return
-    for name, t in tensors.items():
-        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+    present = [(n, t) for n, t in tensors.items() if t is not None and t.numel()]
+    if not present:
+        return
+    # Fast path: one vectorised sum per tensor and one host read for all of them.  A NaN or an
+    # Inf anywhere makes the sum non-finite, so a finite sum proves the tensor finite
+    # (torch.isfinite(t).all() costs ~30x more on CPU: 1.3 ms against 42 us at 4096 x 128).
+    # A non-finite sum can also be an overflow of finite values: only then the exact check runs.
+    sums = torch.stack([t.sum(dtype=compute_dtype(t.dtype)).to(torch.float64) for _, t in present])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name, t in present:
+        if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
 
 

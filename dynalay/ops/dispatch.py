@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from .. import backends
 from ._common import SolverConfig, cast_for, check_finite, check_tensor, compute_dtype, report, run_solve
-from .fixed_point import (check_backward_args, grouped_linear, grouped_wgrad, implicit_grads, phantom_grads,
-                          resolve_backward_config)
+from .fixed_point import (check_backward_args, fused_implicit_grads, grouped_linear, grouped_wgrad, implicit_grads,
+                          phantom_grads, resolve_backward_config)
 
 
 class Routing(NamedTuple):
@@ -151,6 +151,10 @@ def _step_setup(ctx, inputs, output):
     ctx.dtypes = (h.dtype, U.dtype, W.dtype, b.dtype)
 
 
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
 def _step_backward(ctx, g, g_it, g_conv, g_res):
     nones = (None,) * 20
     if g is None:
@@ -158,11 +162,16 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
     h, h_new, actions, U, W, b = ctx.saved_tensors
     L, H = U.shape[0], h.shape[1]
     cd = compute_dtype(h.dtype)
+    need_h, need_U, need_W, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3], \
+        ctx.needs_input_grad[4]
+    if ctx.backward == "implicit" and ctx.backend == "cpp":  # the whole backward in one C++ call
+        dh, dW, dU, db = fused_implicit_grads(h_new, g, W, actions, h, U, (need_h, need_W, need_U, need_b),
+                                              ctx.bcfg, ctx.check)
+        dt = ctx.dtypes  # (h, U, W, b)
+        return (_cast(dh, dt[0]), None, _cast(dU, dt[1]), _cast(dW, dt[2]), _cast(db, dt[3])) + nones
     nop = (actions == L).unsqueeze(1)
     gc = g.to(cd)
     gz = torch.where(nop, torch.zeros_like(gc), gc)
-    need_h, need_U, need_W, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3], \
-        ctx.needs_input_grad[4]
     if ctx.backward == "phantom":
         inj = grouped_linear(h, U, b, actions, False, ctx.backend)
         u, dW = phantom_grads(h_new, inj, gz, W, actions, ctx.phantom[0], ctx.phantom[1], ctx.backend, need_W)

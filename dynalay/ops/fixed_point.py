@@ -150,6 +150,19 @@ def implicit_grads(z: Tensor, gz: Tensor, W: Tensor, actions: Optional[Tensor], 
     return u, dW
 
 
+def fused_implicit_grads(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], h: Optional[Tensor],
+                         U: Optional[Tensor], wants: Tuple[bool, bool, bool, bool], bcfg: Tuple,
+                         check: str) -> Tuple[Optional[Tensor], ...]:
+    """The cpp backend's one-call implicit backward: (dx, dW, dU, db) in the compute dtype, with
+    the adjoint solve's statistics recorded and reported like ``implicit_grads``.  dx is dinj
+    (0 on NOP rows) for fixed_point; with ``h, U`` (dynamic_step) it is dh (g on NOP rows)."""
+    dx, dW, dU, db, it, res, conv = backends.get("cpp").implicit_backward(z, g, W, actions, h, U, *wants, *bcfg)
+    if not torch.compiler.is_compiling():
+        last_backward_stats.update(iters=it, residual=res, converged=conv)
+    report("backward (adjoint)", conv, res, bcfg[1], check)
+    return dx, dW, dU, db
+
+
 def phantom_grads(z: Tensor, inj: Tensor, gz: Tensor, W: Tensor, actions: Optional[Tensor], steps: int,
                   lam: float, backend: str, want_W: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """k-step phantom gradient: backprop through z_{j+1} = (1-lam) z_j + lam tanh(z_j W^T + inj)
@@ -224,6 +237,10 @@ def _fp_backward(ctx, gz, g_it, g_res, g_conv):
     if ctx.backward == "phantom":
         z, W, actions, inj = ctx.saved_tensors
         dinj, dW = phantom_grads(z, inj, gz, W, actions, ctx.phantom[0], ctx.phantom[1], ctx.backend, want_W)
+    elif ctx.backend == "cpp":  # adjoint solve and weight reduction in one C++ call
+        z, W, actions = ctx.saved_tensors
+        dinj, dW, _, _ = fused_implicit_grads(z, gz, W, actions, None, None, (want_inj, want_W, False, False),
+                                              ctx.bcfg, ctx.check)
     else:
         z, W, actions = ctx.saved_tensors
         dinj, dW = implicit_grads(z, gz, W, actions, ctx.bcfg, ctx.check, ctx.backend, want_W)
