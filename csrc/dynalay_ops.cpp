@@ -26,6 +26,7 @@ TORCH_LIBRARY(dynalay_C, m) {
       "implicit_backward(Tensor z, Tensor g, Tensor W, Tensor? actions, Tensor? h, Tensor? U, bool want_x, "
       "bool want_W, bool want_U, bool want_b, float tol, int max_iter, str solver, float damping, int anderson_m, "
       "float anderson_lam, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("first_non_finite(Tensor[] ts) -> int");
   m.def("grouped_linear(Tensor x, Tensor U, Tensor? b, Tensor actions, bool transpose) -> Tensor");
   m.def("grouped_wgrad(Tensor u, Tensor x, Tensor? actions, int num_layers) -> Tensor");
 }

@@ -280,20 +280,30 @@ def test_bad_input_is_rejected_with_the_argument_named(case):
         fn(inj, W)
 
 
-def test_finite_check_has_no_false_alarm_on_overflowing_sums_and_catches_every_non_finite():
-    """check_finite's fast path sums each tensor: a sum that overflows must fall back to the exact
-    check (large finite inputs are legal), and +Inf/-Inf pairs or a lone NaN must still be caught."""
+@pytest.mark.parametrize("path", ["cpp", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_check_has_no_false_alarm_and_catches_every_non_finite(path, dtype, monkeypatch):
+    """check_finite runs one C++ pass on CPU (cpp built) and otherwise one sum per tensor with an
+    exact fallback: large finite inputs (sums that overflow) are legal, and a lone NaN or Inf
+    anywhere (first, middle, last element; small and multi-threaded tensor sizes) is caught and
+    named, as are +Inf/-Inf pairs."""
+    from dynalay import _ext
     from dynalay.ops._common import check_finite
-    big = torch.full((64, 8), 3e38)
-    check_finite("raise", inj=big)  # sum overflows to inf, every element finite: accepted
-    check_finite("raise", inj=big.half().float().clamp(max=6e4).half())  # fp16 near its max
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        for pos in (0, 37, 511):
-            t = torch.randn(64, 8)
-            t.view(-1)[pos] = bad
-            with pytest.raises(ValueError, match="second contains NaN or Inf"):
-                check_finite("warn", first=torch.randn(3, 3), second=t, third=None)
-    pair = torch.zeros(10)
+    if path == "cpp" and _ext.cpp_error():
+        pytest.skip("cpp backend not built")
+    if path == "sum":
+        monkeypatch.setattr(_ext, "cpp_error", lambda: "disabled for this test")
+    big = torch.full((64, 8), torch.finfo(dtype).max / 2, dtype=dtype)
+    check_finite("raise", inj=big, W=-big)  # sums overflow, every element finite: accepted
+    for n in (37, 300_001):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for pos in (0, n // 2, n - 1):
+                t = torch.randn(n, dtype=torch.float32).to(dtype)
+                t[pos] = bad
+                with pytest.raises(ValueError, match="second contains NaN or Inf"):
+                    check_finite("warn", first=torch.randn(3, 3).to(dtype), second=t, third=None)
+        check_finite("warn", ok=torch.randn(n).to(dtype))
+    pair = torch.zeros(10, dtype=dtype)
     pair[2], pair[7] = float("inf"), -float("inf")
     with pytest.raises(ValueError, match="x contains"):
         check_finite("warn", x=pair)

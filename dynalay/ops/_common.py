@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _ext, backends
 
 SOLVERS = ("picard", "anderson")
 BACKWARDS = ("implicit", "phantom")
@@ -94,10 +94,16 @@ def check_finite(check: str, **tensors: Optional[Tensor]) -> None:
     present = [(n, t) for n, t in tensors.items() if t is not None and t.numel()]
     if not present:
         return
-    # Fast path: one vectorised sum per tensor and one host read for all of them.  A NaN or an
+    if present[0][1].device.type == "cpu" and not _ext.cpp_error():
+        # one C++ pass per tensor (vectorised, parallel, stops at the first bad chunk)
+        k = torch.ops.dynalay_C.first_non_finite([t for _, t in present])
+        if k >= 0:
+            raise ValueError(f"{present[k][0]} contains NaN or Inf values")
+        return
+    # Elsewhere: one vectorised sum per tensor and one host read for all of them.  A NaN or an
     # Inf anywhere makes the sum non-finite, so a finite sum proves the tensor finite
-    # (torch.isfinite(t).all() costs ~30x more on CPU: 1.3 ms against 42 us at 4096 x 128).
-    # A non-finite sum can also be an overflow of finite values: only then the exact check runs.
+    # (torch.isfinite(t).all() costs far more).  A non-finite sum can also be an overflow of
+    # finite values: only then the exact check runs.
     sums = torch.stack([t.sum(dtype=compute_dtype(t.dtype)).to(torch.float64) for _, t in present])
     if bool(torch.isfinite(sums).all()):
         return
