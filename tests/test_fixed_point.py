@@ -222,6 +222,23 @@ def test_opcheck(backend, requires_grad, gen):
     opcheck(torch.ops.dynalay.grouped_wgrad, (g, z, acts, 2, backend))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_grouped_fixed_point_op_gradcheck_with_nop_rows(backend, gen):
+    """fixed_point_fwd with actions (several layers, NOP rows): gradcheck of the implicit
+    backward (on cpp: the one-call C++ backward), and opcheck of the grouped op."""
+    from torch.library import opcheck
+    B, H, L = 9, 5, 3
+    inj = torch.randn(B, H, generator=gen, dtype=torch.float64).requires_grad_()
+    W = torch.randn(L, H, H, generator=gen, dtype=torch.float64)
+    W = (0.5 * W / torch.linalg.matrix_norm(W, 2).view(L, 1, 1)).requires_grad_()
+    acts = torch.tensor([0, 1, 2, 3, 0, 1, 3, 2, 0])  # 3 = NOP
+    f = lambda i, w: torch.ops.dynalay.fixed_point_fwd(*_op_args(i, w, backend, actions=acts))[0]
+    z = f(inj, W)
+    assert torch.equal(z[acts == L], torch.zeros(2, H, dtype=torch.float64))
+    assert torch.autograd.gradcheck(f, (inj, W), eps=1e-6, atol=1e-7)
+    opcheck(torch.ops.dynalay.fixed_point_fwd, _op_args(inj, W, backend, actions=acts))
+
+
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compile_backend, gen):
     inj, W = problem(12, 10, torch.float32, gen)
