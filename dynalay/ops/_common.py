@@ -155,3 +155,23 @@ def cast_for(backend: str, *ts: Optional[Tensor]):
     if backend not in ("torch", "cpp"):
         return ts
     return tuple(None if t is None else t.to(compute_dtype(t.dtype)) for t in ts)
+
+
+def eager_function(impl, setup, backward, name: str):
+    """An ``autograd.Function`` running a custom op's implementation, setup_context and backward
+    in eager mode.  ``torch.library.custom_op`` costs ~0.1 ms of Python per call in eager (its
+    dispatch, autograd and alias checks; measured 272 us against 158 us for the bare kernel call
+    of a B=4096, H=128 dynamic_step), which is most of a small step's time.  The public functions
+    call this in eager and the registered op under ``torch.compile``: same implementation, same
+    saved tensors, same backward, so the two paths agree bit for bit (tested)."""
+
+    def forward(ctx, *inputs):
+        out = impl(*inputs)
+        setup(ctx, inputs, out)
+        return out
+
+    def bwd(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
+

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ._common import SolverConfig, cast_for, check_finite, check_tensor, compute_dtype, report, run_solve
+from ._common import (SolverConfig, cast_for, check_finite, check_tensor, compute_dtype, eager_function, report,
+                      run_solve)
 from .fixed_point import (check_backward_args, fused_implicit_grads, grouped_linear, grouped_wgrad, implicit_grads,
                           phantom_grads, resolve_backward_config)
 
@@ -121,15 +122,17 @@ def _step_forward(backend: str, h: Tensor, actions: Tensor, U: Tensor, W: Tensor
     return h_new, it, conv, res
 
 
-@torch.library.custom_op("dynalay::dynamic_step", mutates_args=())
-def dynamic_step_op(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, tol: float, max_iter: int,
-                    solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float, backward: str,
-                    b_tol: float, b_max_iter: int, b_solver: str, b_damping: float, b_anderson_m: int,
-                    b_anderson_lam: float, b_eps: float, phantom_steps: int, phantom_damping: float, check: str,
-                    backend: str, b_backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _dynamic_step_impl(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, tol: float, max_iter: int,
+                       solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float, backward: str,
+                       b_tol: float, b_max_iter: int, b_solver: str, b_damping: float, b_anderson_m: int,
+                       b_anderson_lam: float, b_eps: float, phantom_steps: int, phantom_damping: float, check: str,
+                       backend: str, b_backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     cfg = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps)
     h_new, it, conv, res = _step_forward(backend, h, actions, U, W, b, cfg)
     return h_new.to(h.dtype), it, conv, res.to(compute_dtype(h.dtype))
+
+
+dynamic_step_op = torch.library.custom_op("dynalay::dynamic_step", mutates_args=())(_dynamic_step_impl)
 
 
 @dynamic_step_op.register_fake
@@ -191,6 +194,7 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
 
 
 dynamic_step_op.register_autograd(_step_backward, setup_context=_step_setup)
+_DynamicStepFn = eager_function(_dynamic_step_impl, _step_setup, _step_backward, "_DynamicStepFn")
 
 
 @functools.lru_cache(maxsize=64)
@@ -239,7 +243,8 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     check_finite(check, h=h, U=U, W=W, b=b)
     be = backends.select(h.device, h.dtype, (solver,), backend)
     b_be = backends.select(h.device, h.dtype, (solve_args[10],), backend)  # backward solver
-    h_new, it, conv, res = dynamic_step_op(h, actions, U, W, b, *solve_args, be, b_be)
+    op = dynamic_step_op if torch.compiler.is_compiling() else _DynamicStepFn.apply
+    h_new, it, conv, res = op(h, actions, U, W, b, *solve_args, be, b_be)
     report("forward", conv, res, max_iter, check)
     return DynamicStepResult(h_new, it, conv)
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import backends
 from ._common import (BACKWARDS, CHECKS, SolverConfig, check_choice, check_finite, check_int, check_tensor,
-                      compute_dtype, report, run_solve)
+                      compute_dtype, eager_function, report, run_solve)
 
 # The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
 last_backward_stats: dict = {}
@@ -193,8 +193,7 @@ def phantom_grads(z: Tensor, inj: Tensor, gz: Tensor, W: Tensor, actions: Option
 # --------------------------------------------------------------------------------------------
 # dynalay::fixed_point_fwd (differentiable)
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("dynalay::fixed_point_fwd", mutates_args=())
-def fixed_point_fwd(inj: Tensor, W: Tensor, actions: Optional[Tensor], z0: Optional[Tensor], tol: float,
+def _fixed_point_fwd_impl(inj: Tensor, W: Tensor, actions: Optional[Tensor], z0: Optional[Tensor], tol: float,
                     max_iter: int, solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float,
                     backward: str, b_tol: float, b_max_iter: int, b_solver: str, b_damping: float,
                     b_anderson_m: int, b_anderson_lam: float, b_eps: float, phantom_steps: int,
@@ -203,6 +202,9 @@ def fixed_point_fwd(inj: Tensor, W: Tensor, actions: Optional[Tensor], z0: Optio
     cfg = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps)
     z, it, res, conv = run_solve(backend, inj, W, None, actions, z0, False, cfg)
     return z.to(inj.dtype), it, res.to(_res_dtype(inj.dtype)), conv
+
+
+fixed_point_fwd = torch.library.custom_op("dynalay::fixed_point_fwd", mutates_args=())(_fixed_point_fwd_impl)
 
 
 @fixed_point_fwd.register_fake
@@ -250,6 +252,7 @@ def _fp_backward(ctx, gz, g_it, g_res, g_conv):
 
 
 fixed_point_fwd.register_autograd(_fp_backward, setup_context=_fp_setup)
+_FixedPointFn = eager_function(_fixed_point_fwd_impl, _fp_setup, _fp_backward, "_FixedPointFn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +322,8 @@ def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50
     check_finite(check, inj=inj, W=W, z0=z0)
     be = backends.select(inj.device, inj.dtype, (cfg.solver,), backend)
     b_be = backends.select(inj.device, inj.dtype, (bcfg.solver,), backend)
-    z, it, res, conv = fixed_point_fwd(inj, W.unsqueeze(0), None, z0, *cfg.op_args(), backward, *bcfg.op_args(),
-                                       int(phantom_steps), float(phantom_damping), check, be, b_be)
+    op = fixed_point_fwd if torch.compiler.is_compiling() else _FixedPointFn.apply
+    z, it, res, conv = op(inj, W.unsqueeze(0), None, z0, *cfg.op_args(), backward, *bcfg.op_args(),
+                          int(phantom_steps), float(phantom_damping), check, be, b_be)
     report("forward", conv, res, cfg.max_iter, check)
     return FixedPointResult(z, it, res, conv)
