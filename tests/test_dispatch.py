@@ -218,14 +218,14 @@ def test_eager_path_equals_the_registered_op(backend, backward, gen):
     G = torch.randn(B, H, generator=gen, dtype=torch.float64)
     args = _prepare(1e-9, 200, "picard", 1.0, 5, 1e-6, 1e-12, backward, None, None, None, 3, 0.5, "none")
     outs = []
-    for op in (_DynamicStepFn.apply, dynamic_step_op):
+    for op in (_DynamicStepFn, dynamic_step_op):
         ps = [p.clone().requires_grad_() for p in params]
         r = op(ps[0], a, *ps[1:], *args, backend, backend)
         (r[0] * G).sum().backward()
         outs.append(list(r) + [p.grad for p in ps])
     inj = params[0] @ params[1][0].t()
     Wf = params[2][:1]
-    for op in (_FixedPointFn.apply, fixed_point_fwd):
+    for op in (_FixedPointFn, fixed_point_fwd):
         i_, w_ = inj.clone().requires_grad_(), Wf.clone().requires_grad_()
         r = op(i_, w_, None, None, *args, backend, backend)
         (r[0] * G).sum().backward()

@@ -26,7 +26,8 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, to
     """Fused DynaLay step (one grouping; projection into the packed constant term; every group's
     blocks on one work list; NOP rows copied from h).  Iterates in the compute dtype."""
     cd = torch.float64 if h.dtype == torch.float64 else torch.float32
-    h, U, W, b = (t.to(cd) for t in (h, U, W, b))
+    if h.dtype != cd:
+        h, U, W, b = (t.to(cd) for t in (h, U, W, b))
     z, it, res, conv = _ops().dynamic_step(h, actions, U, W, b, tol, max_iter, solver, damping, m, lam, eps)
     return z, it, conv, res
 

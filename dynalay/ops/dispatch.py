@@ -194,7 +194,7 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
 
 
 dynamic_step_op.register_autograd(_step_backward, setup_context=_step_setup)
-_DynamicStepFn = eager_function(_dynamic_step_impl, _step_setup, _step_backward, "_DynamicStepFn")
+_DynamicStepFn = eager_function(_dynamic_step_impl, _step_setup, _step_backward, "_DynamicStepFn", 5)
 
 
 @functools.lru_cache(maxsize=64)
@@ -242,8 +242,9 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     _check_actions(actions, B, L, h.device, check)
     check_finite(check, h=h, U=U, W=W, b=b)
     be = backends.select(h.device, h.dtype, (solver,), backend)
-    b_be = backends.select(h.device, h.dtype, (solve_args[10],), backend)  # backward solver
-    op = dynamic_step_op if torch.compiler.is_compiling() else _DynamicStepFn.apply
+    b_solver = solve_args[10]
+    b_be = be if b_solver == solver else backends.select(h.device, h.dtype, (b_solver,), backend)
+    op = dynamic_step_op if torch.compiler.is_compiling() else _DynamicStepFn
     h_new, it, conv, res = op(h, actions, U, W, b, *solve_args, be, b_be)
     report("forward", conv, res, max_iter, check)
     return DynamicStepResult(h_new, it, conv)

@@ -252,7 +252,7 @@ def _fp_backward(ctx, gz, g_it, g_res, g_conv):
 
 
 fixed_point_fwd.register_autograd(_fp_backward, setup_context=_fp_setup)
-_FixedPointFn = eager_function(_fixed_point_fwd_impl, _fp_setup, _fp_backward, "_FixedPointFn")
+_FixedPointFn = eager_function(_fixed_point_fwd_impl, _fp_setup, _fp_backward, "_FixedPointFn", 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +321,8 @@ def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50
     bcfg = resolve_backward_config(cfg, backward_tol, backward_max_iter, backward_solver)
     check_finite(check, inj=inj, W=W, z0=z0)
     be = backends.select(inj.device, inj.dtype, (cfg.solver,), backend)
-    b_be = backends.select(inj.device, inj.dtype, (bcfg.solver,), backend)
-    op = fixed_point_fwd if torch.compiler.is_compiling() else _FixedPointFn.apply
+    b_be = be if bcfg.solver == cfg.solver else backends.select(inj.device, inj.dtype, (bcfg.solver,), backend)
+    op = fixed_point_fwd if torch.compiler.is_compiling() else _FixedPointFn
     z, it, res, conv = op(inj, W.unsqueeze(0), None, z0, *cfg.op_args(), backward, *bcfg.op_args(),
                           int(phantom_steps), float(phantom_damping), check, be, b_be)
     report("forward", conv, res, cfg.max_iter, check)
