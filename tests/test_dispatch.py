@@ -236,6 +236,27 @@ def test_eager_path_equals_the_registered_op(backend, backward, gen):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_make_fx_traces_the_registered_ops(backend, gen):
+    """Under a dispatch mode (make_fx, opcheck, AOTAutograd) the public functions must call the
+    registered ops, never the eager shortcut (whose implementations read values on the host)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    h, U, W, b = make_step_params(6, 5, 2, torch.float64, gen)
+    a = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def step(h, a, U, W, b):
+        return dynalay.dynamic_step(h, a, U, W, b, check="none", backend=backend).h
+
+    def fp(i, w):
+        return dynalay.fixed_point(i, w, check="none", backend=backend).z
+
+    for fn, args, op in ((step, (h, a, U, W, b), "dynalay.dynamic_step.default"),
+                         (fp, (h, W[0]), "dynalay.fixed_point_fwd.default")):
+        g = make_fx(fn, tracing_mode="fake")(*args)
+        targets = {str(n.target) for n in g.graph.nodes if n.op == "call_function"}
+        assert op in targets, targets
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_route_and_dynamic_step(backend, gen):
     from torch.library import opcheck

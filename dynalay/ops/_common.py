@@ -157,14 +157,30 @@ def cast_for(backend: str, *ts: Optional[Tensor]):
     return tuple(None if t is None else t.to(compute_dtype(t.dtype)) for t in ts)
 
 
+try:  # the innermost active TorchDispatchMode (fake/proxy tracing: opcheck, make_fx, AOTAutograd)
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - a torch without it: always take the registered ops
+    def _get_current_dispatch_mode():
+        return True
+
+
+def tracing(*args) -> bool:
+    """Whether a call may be traced: torch.compile, an active dispatch mode (make_fx, opcheck,
+    AOTAutograd), or tensor subclasses (fake, functional) among ``args``.  Then the registered
+    ops run (their fake kernels make them traceable); otherwise their implementations may be
+    called directly (``eager_function``)."""
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or any(isinstance(a, Tensor) and type(a) is not Tensor for a in args))
+
+
 def eager_function(impl, setup, backward, name: str, num_tensor_args: int):
     """A callable with the signature of a custom op that runs the op's implementation,
     setup_context and backward through an ``autograd.Function`` in eager mode.
 
     ``torch.library.custom_op`` costs ~65 us of Python per call in eager, ~450 us when autograd
     records it (measured on a tiny dynamic_step whose kernel takes 15 us), which is most of a small
-    step's time.  The public functions call this in eager and the registered op under
-    ``torch.compile``: same implementation, same saved tensors, same backward, so the two paths
+    step's time.  The public functions call this in eager and the registered op when ``tracing``:
+    same implementation, same saved tensors, same backward, so the two paths
     agree bit for bit (tested).  The op's leading ``num_tensor_args`` arguments (the only ones that
     can need a gradient) go to ``Function.apply`` one by one and the rest as one tuple, since
     ``apply`` costs about 1 us per argument."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import backends
 from ._common import (SolverConfig, cast_for, check_finite, check_tensor, compute_dtype, eager_function, report,
-                      run_solve)
+                      run_solve, tracing)
 from .fixed_point import (check_backward_args, fused_implicit_grads, grouped_linear, grouped_wgrad, implicit_grads,
                           phantom_grads, resolve_backward_config)
 
@@ -244,7 +244,7 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     be = backends.select(h.device, h.dtype, (solver,), backend)
     b_solver = solve_args[10]
     b_be = be if b_solver == solver else backends.select(h.device, h.dtype, (b_solver,), backend)
-    op = dynamic_step_op if torch.compiler.is_compiling() else _DynamicStepFn
+    op = dynamic_step_op if tracing(h, actions, U, W, b) else _DynamicStepFn
     h_new, it, conv, res = op(h, actions, U, W, b, *solve_args, be, b_be)
     report("forward", conv, res, max_iter, check)
     return DynamicStepResult(h_new, it, conv)

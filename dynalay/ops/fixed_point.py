@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import backends
 from ._common import (BACKWARDS, CHECKS, SolverConfig, check_choice, check_finite, check_int, check_tensor,
-                      compute_dtype, eager_function, report, run_solve)
+                      compute_dtype, eager_function, report, run_solve, tracing)
 
 # The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
 last_backward_stats: dict = {}
@@ -42,8 +42,15 @@ def _res_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # dynalay::fixed_point_adjoint
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("dynalay::fixed_point_adjoint", mutates_args=())
-def fixed_point_adjoint(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], tol: float, max_iter: int,
+def _traced(*args) -> bool:
+    """Call a registered op (traceable, differentiable where registered) rather than its bare
+    implementation whenever anything may trace (``tracing``) or autograd may record.  The helper
+    ops below are called from backward formulas, where in plain eager neither holds: there the
+    op's Python layer (~65 us a call) is skipped."""
+    return torch.is_grad_enabled() or tracing(*args)
+
+
+def _fixed_point_adjoint_impl(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], tol: float, max_iter: int,
                         solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float,
                         backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     cd = compute_dtype(z.dtype)
@@ -54,7 +61,15 @@ def fixed_point_adjoint(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tenso
     return u.to(cd), it, res.to(cd), conv
 
 
-@fixed_point_adjoint.register_fake
+_fixed_point_adjoint_op = torch.library.custom_op("dynalay::fixed_point_adjoint", mutates_args=())(
+    _fixed_point_adjoint_impl)
+
+
+def fixed_point_adjoint(*args):
+    return (_fixed_point_adjoint_op if _traced(*args) else _fixed_point_adjoint_impl)(*args)
+
+
+@_fixed_point_adjoint_op.register_fake
 def _(z, g, W, actions, tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backend):
     torch._check(z.dim() == 2 and g.shape == z.shape)
     cd = compute_dtype(z.dtype)
@@ -66,14 +81,20 @@ def _(z, g, W, actions, tol, max_iter, solver, damping, anderson_m, anderson_lam
 # --------------------------------------------------------------------------------------------
 # dynalay::grouped_wgrad
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("dynalay::grouped_wgrad", mutates_args=())
-def grouped_wgrad(u: Tensor, x: Tensor, actions: Optional[Tensor], num_layers: int, backend: str) -> Tensor:
+def _grouped_wgrad_impl(u: Tensor, x: Tensor, actions: Optional[Tensor], num_layers: int, backend: str) -> Tensor:
     cd = compute_dtype(u.dtype)
     out = backends.get(backend).grouped_wgrad(u.to(cd), x.to(cd), actions, num_layers)
     return out.to(cd)
 
 
-@grouped_wgrad.register_fake
+_grouped_wgrad_op = torch.library.custom_op("dynalay::grouped_wgrad", mutates_args=())(_grouped_wgrad_impl)
+
+
+def grouped_wgrad(*args):
+    return (_grouped_wgrad_op if _traced(*args) else _grouped_wgrad_impl)(*args)
+
+
+@_grouped_wgrad_op.register_fake
 def _(u, x, actions, num_layers, backend):
     torch._check(u.dim() == 2 and x.dim() == 2)
     return u.new_empty(num_layers, u.shape[1], x.shape[1], dtype=compute_dtype(u.dtype))
@@ -82,8 +103,7 @@ def _(u, x, actions, num_layers, backend):
 # --------------------------------------------------------------------------------------------
 # dynalay::grouped_linear (differentiable)
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("dynalay::grouped_linear", mutates_args=())
-def grouped_linear(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, transpose: bool,
+def _grouped_linear_impl(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, transpose: bool,
                    backend: str) -> Tensor:
     be = backends.get(backend)
     if backend in ("torch", "cpp"):
@@ -94,7 +114,14 @@ def grouped_linear(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, t
     return y.to(x.dtype)
 
 
-@grouped_linear.register_fake
+_grouped_linear_op = torch.library.custom_op("dynalay::grouped_linear", mutates_args=())(_grouped_linear_impl)
+
+
+def grouped_linear(*args):
+    return (_grouped_linear_op if _traced(*args) else _grouped_linear_impl)(*args)
+
+
+@_grouped_linear_op.register_fake
 def _(x, U, b, actions, transpose, backend):
     torch._check(x.dim() == 2 and U.dim() == 3)
     N = U.shape[2] if transpose else U.shape[1]
@@ -126,7 +153,7 @@ def _gl_backward(ctx, gy):
     return dx, dU, db, None, None, None
 
 
-grouped_linear.register_autograd(_gl_backward, setup_context=_gl_setup)
+_grouped_linear_op.register_autograd(_gl_backward, setup_context=_gl_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +349,7 @@ def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50
     check_finite(check, inj=inj, W=W, z0=z0)
     be = backends.select(inj.device, inj.dtype, (cfg.solver,), backend)
     b_be = be if bcfg.solver == cfg.solver else backends.select(inj.device, inj.dtype, (bcfg.solver,), backend)
-    op = fixed_point_fwd if torch.compiler.is_compiling() else _FixedPointFn
+    op = fixed_point_fwd if tracing(inj, W, z0) else _FixedPointFn
     z, it, res, conv = op(inj, W.unsqueeze(0), None, z0, *cfg.op_args(), backward, *bcfg.op_args(),
                           int(phantom_steps), float(phantom_damping), check, be, b_be)
     report("forward", conv, res, cfg.max_iter, check)
