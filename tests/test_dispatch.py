@@ -255,6 +255,10 @@ def test_make_fx_traces_the_registered_ops(backend, gen):
         g = make_fx(fn, tracing_mode="fake")(*args)
         targets = {str(n.target) for n in g.graph.nodes if n.op == "call_function"}
         assert op in targets, targets
+    # plain tensors and nn.Parameters (what modules pass) take the eager path, subclasses the op
+    from dynalay.ops._common import tracing
+    assert not tracing(h, nn.Parameter(U), None, 1.0)
+    assert tracing(h, torch.Tensor._make_subclass(type("Sub", (torch.Tensor,), {}), U))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -164,13 +164,16 @@ except ImportError:  # pragma: no cover - a torch without it: always take the re
         return True
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)  # what the eager path takes; any other subclass takes the op
+
+
 def tracing(*args) -> bool:
     """Whether a call may be traced: torch.compile, an active dispatch mode (make_fx, opcheck,
     AOTAutograd), or tensor subclasses (fake, functional) among ``args``.  Then the registered
     ops run (their fake kernels make them traceable); otherwise their implementations may be
     called directly (``eager_function``)."""
     return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or any(isinstance(a, Tensor) and type(a) is not Tensor for a in args))
+            or any(isinstance(a, Tensor) and type(a) not in _PLAIN for a in args))
 
 
 def eager_function(impl, setup, backward, name: str, num_tensor_args: int):
