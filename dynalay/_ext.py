@@ -22,6 +22,25 @@ def build_info() -> dict:
         return {}
 
 
+# The ops each extension must define: a library built from an older dynalay (stale build in an
+# editable install) loads fine but lacks the newer ops; it is then treated as not loaded.
+CPP_OPS = ("fp_solve", "dynamic_step", "implicit_backward", "first_non_finite", "grouped_linear", "grouped_wgrad")
+
+
+def missing_ops(namespace: str, names) -> list:
+    """The ops of ``names`` that ``torch.ops.<namespace>`` does not define."""
+    import torch
+
+    ns = getattr(torch.ops, namespace)
+    out = []
+    for n in names:
+        try:
+            getattr(ns, n)
+        except (AttributeError, RuntimeError):
+            out.append(n)
+    return out
+
+
 def _load(name: str, expected_key: str) -> Optional[str]:
     if name in _state:
         return _state[name]
@@ -29,6 +48,11 @@ def _load(name: str, expected_key: str) -> Optional[str]:
     try:
         importlib.import_module(f"dynalay.{name}")
         reason = None
+        if name == "_C":
+            gone = missing_ops("dynalay_C", CPP_OPS)
+            if gone:
+                reason = (f"dynalay._C is a stale build (it lacks the ops {', '.join(gone)}): rebuild it with "
+                          f"`pip install -e . --no-build-isolation`")
     except ImportError as e:
         info = build_info()
         if info and not info.get(expected_key, False):

@@ -354,6 +354,23 @@ def test_missing_extension_degrades_with_one_warning(monkeypatch):
         dynalay.fixed_point(inj, W, backend="cpp")
 
 
+def test_stale_extension_is_reported_and_not_used(monkeypatch):
+    """A dynalay._C built from an older dynalay loads but lacks newer ops: it must count as not
+    loaded (with the reason) rather than fail later inside a call."""
+    from dynalay import _ext
+    if _ext.cpp_error():
+        pytest.skip("cpp backend not built")
+    monkeypatch.setattr(_ext, "CPP_OPS", _ext.CPP_OPS + ("an_op_from_the_future",))
+    monkeypatch.delitem(_ext._state, "_C")
+    err = _ext.cpp_error()
+    assert err is not None and "stale build" in err and "an_op_from_the_future" in err
+    monkeypatch.setattr(backends, "_cache", {})
+    monkeypatch.setenv("DYNALAY_QUIET", "1")
+    assert backends.select("cpu", torch.float32) == "torch"
+    r = dynalay.fixed_point(torch.randn(3, 4), make_W(4, dtype=torch.float32))  # falls back, finite check too
+    assert r.converged.all()
+
+
 def test_env_var_selects_backend(monkeypatch):
     monkeypatch.setenv("DYNALAY_BACKEND", "torch")
     assert backends.select("cpu", torch.float32) == "torch"
