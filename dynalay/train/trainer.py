@@ -79,7 +79,7 @@ class TrainConfig:
     batch_size: int = 128
     mlp_epochs: int = 40
     warmup_epochs: int = 60
-    agent_epochs: int = 150
+    agent_epochs: int = 300
     joint_epochs: int = 6
     lr: float = 2e-3
     weight_decay: float = 1e-4
