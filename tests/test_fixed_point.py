@@ -7,7 +7,7 @@ import torch
 
 import dynalay
 from dynalay import backends
-from helpers import assert_close, assert_iters, make_W, ref_solve, rel_err, unrolled_grads
+from helpers import assert_close, assert_iters, make_step_params, make_W, ref_solve, rel_err, unrolled_grads
 
 CPU_BACKENDS = ["torch", "cpp"]
 SHAPES = [(1, 1), (1, 20), (7, 20), (64, 64), (33, 100)]
@@ -369,6 +369,21 @@ def test_stale_extension_is_reported_and_not_used(monkeypatch):
     assert backends.select("cpu", torch.float32) == "torch"
     r = dynalay.fixed_point(torch.randn(3, 4), make_W(4, dtype=torch.float32))  # falls back, finite check too
     assert r.converged.all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_through_the_implicit_gradient_raises(backend, gen):
+    """The implicit backward has no derivative of its own: create_graph=True followed by a second
+    backward must raise (never return zeros or a partial derivative)."""
+    inj, W = problem(4, 3, torch.float64, gen)
+    inj.requires_grad_()
+    h, U, Ws, b = make_step_params(4, 3, 2, torch.float64, gen)
+    h.requires_grad_()
+    for z, x in ((dynalay.fixed_point(inj, W, backend=backend, check="none").z, inj),
+                 (dynalay.dynamic_step(h, torch.tensor([0, 1, 2, 0]), U, Ws, b, backend=backend, check="none").h, h)):
+        g, = torch.autograd.grad(z.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula|autograd"):
+            torch.autograd.grad(g.sum(), x)
 
 
 def test_env_var_selects_backend(monkeypatch):

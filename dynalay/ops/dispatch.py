@@ -167,7 +167,9 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
     cd = compute_dtype(h.dtype)
     need_h, need_U, need_W, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3], \
         ctx.needs_input_grad[4]
-    if ctx.backward == "implicit" and ctx.backend == "cpp":  # the whole backward in one C++ call
+    if ctx.backward == "implicit" and ctx.backend == "cpp" and not torch.is_grad_enabled():
+        # the whole backward in one C++ call (with create_graph the generic path runs: its ops
+        # have no derivative and say so, where this call's outputs would silently be constants)
         dh, dW, dU, db = fused_implicit_grads(h_new, g, W, actions, h, U, (need_h, need_W, need_U, need_b),
                                               ctx.bcfg, ctx.check)
         dt = ctx.dtypes  # (h, U, W, b)

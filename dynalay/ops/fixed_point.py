@@ -266,7 +266,8 @@ def _fp_backward(ctx, gz, g_it, g_res, g_conv):
     if ctx.backward == "phantom":
         z, W, actions, inj = ctx.saved_tensors
         dinj, dW = phantom_grads(z, inj, gz, W, actions, ctx.phantom[0], ctx.phantom[1], ctx.backend, want_W)
-    elif ctx.backend == "cpp":  # adjoint solve and weight reduction in one C++ call
+    elif ctx.backend == "cpp" and not torch.is_grad_enabled():  # adjoint solve + weight reduction, one C++ call
+        # (with create_graph the generic path runs: its ops have no derivative and say so)
         z, W, actions = ctx.saved_tensors
         dinj, dW, _, _ = fused_implicit_grads(z, gz, W, actions, None, None, (want_inj, want_W, False, False),
                                               ctx.bcfg, ctx.check)
