@@ -88,7 +88,7 @@ def _check_actions(actions, B: int, L: int, device, check: str) -> None:
     if actions.device != device:
         raise ValueError(f"actions is on {actions.device} but the other inputs are on {device}")
     if check != "none" and not torch.compiler.is_compiling() and actions.numel():
-        lo, hi = (int(v) for v in torch.aminmax(actions))  # one pass
+        lo, hi = torch.stack(torch.aminmax(actions)).tolist()  # one pass, one host read
         if lo < 0 or hi > L:
             raise ValueError(f"actions must lie in [0, {L}] (layer index, {L} = NOP); got values in [{lo}, {hi}]")
 
