@@ -574,6 +574,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fp_solve_cpu(
   return {out_z, iters, res, conv};
 }
 
+// Rows perm[from..to) of dst (row length H) get the same rows of src, or zeros when src is
+// null: the NOP rows of the fused step (h passes through) and of its backward (g passes through;
+// 0 for fixed_point).  Threads split the rows; each row is written once.
+template <typename T>
+void pass_rows(T* dst, const T* src, const std::vector<int64_t>& perm, int64_t from, int64_t to, int64_t H,
+               bool* flag = nullptr) {
+  at::parallel_for(from, to, std::max<int64_t>(1, 65536 / H), [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i) {
+      const int64_t r = perm[i];
+      if (src != nullptr) std::memcpy(dst + r * H, src + r * H, sizeof(T) * H);
+      else std::memset(dst + r * H, 0, sizeof(T) * H);
+      if (flag != nullptr) flag[r] = true;
+    }
+  });
+}
+
 // One DynaLay step, fused: group once, inj = h U[l]^T + b[l] straight into the packed
 // constant term, solve every group, copy the NOP rows of h.  h_new is never zero-filled:
 // every row is written exactly once (by its block or by the NOP copy).
@@ -605,12 +621,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_cpu(
     const T* hp = hc.data_ptr<T>();
     T* op = out.data_ptr<T>();
     bool* cp = conv.data_ptr<bool>();
-    at::parallel_for(n, B, std::max<int64_t>(1, 65536 / H), [&](int64_t a, int64_t e) {
-      for (int64_t i = a; i < e; ++i) {  // NOP rows: pass through, converged, no work
-        std::memcpy(op + perm[i] * H, hp + perm[i] * H, sizeof(T) * H);
-        cp[perm[i]] = true;
-      }
-    });
+    pass_rows(op, hp, perm, n, B, H, cp);  // NOP rows: pass through, converged, no work
     if (n == 0) return;
     offsets.pop_back();
     perm.resize(n);
@@ -681,12 +692,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (want_x) {  // NOP rows: dynamic_step passes g through (h_new = h), fixed_point gives 0
       const T* gp = gc.data_ptr<T>();
       T* xp = dx.data_ptr<T>();
-      at::parallel_for(n, B, std::max<int64_t>(1, 65536 / H), [&](int64_t a, int64_t e) {
-        for (int64_t i = a; i < e; ++i) {
-          if (step) std::memcpy(xp + perm[i] * H, gp + perm[i] * H, sizeof(T) * H);
-          else std::memset(xp + perm[i] * H, 0, sizeof(T) * H);
-        }
-      });
+      pass_rows(xp, step ? gp : nullptr, perm, n, B, H);
     }
     if (n == 0) return;
     std::vector<int64_t> off(offsets.begin(), offsets.begin() + L + 1);

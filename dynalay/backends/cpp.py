@@ -39,9 +39,7 @@ def implicit_backward(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor]
     csrc/cpu/solver_cpu.cpp.  Returns (dx, dW, dU, db, iters, res, conv) in the compute dtype;
     outputs not asked for are None."""
     cd = torch.float64 if z.dtype == torch.float64 else torch.float32
-    z, g, W = z.to(cd), g.to(cd), W.to(cd)
-    h = None if h is None else h.to(cd)
-    U = None if U is None else U.to(cd)
+    z, g, W, h, U = (t if t is None or t.dtype == cd else t.to(cd) for t in (z, g, W, h, U))
     out = _ops().implicit_backward(z, g, W, actions, h, U, want_x, want_W, want_U, want_b, tol, max_iter, solver,
                                    damping, m, lam, eps)
     wants = (want_x, want_W, want_U, want_b)

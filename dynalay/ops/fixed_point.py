@@ -42,12 +42,19 @@ def _res_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # dynalay::fixed_point_adjoint
 # --------------------------------------------------------------------------------------------
-def _traced(*args) -> bool:
-    """Call a registered op (traceable, differentiable where registered) rather than its bare
-    implementation whenever anything may trace (``tracing``) or autograd may record.  The helper
-    ops below are called from backward formulas, where in plain eager neither holds: there the
-    op's Python layer (~65 us a call) is skipped."""
-    return torch.is_grad_enabled() or tracing(*args)
+def _register(name: str, impl):
+    """Register ``impl`` as the custom op ``dynalay::<name>`` and return (op, call).  ``call`` runs
+    the registered op (traceable, differentiable where registered) whenever anything may trace
+    (``tracing``) or autograd may record, and the bare implementation otherwise: these helper ops
+    are called from backward formulas, where in plain eager neither holds, and there the op's
+    Python layer (~65 us a call) is skipped."""
+    op = torch.library.custom_op(f"dynalay::{name}", mutates_args=())(impl)
+
+    def call(*args):
+        return (op if torch.is_grad_enabled() or tracing(*args) else impl)(*args)
+
+    call.__name__ = name
+    return op, call
 
 
 def _fixed_point_adjoint_impl(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], tol: float, max_iter: int,
@@ -61,12 +68,7 @@ def _fixed_point_adjoint_impl(z: Tensor, g: Tensor, W: Tensor, actions: Optional
     return u.to(cd), it, res.to(cd), conv
 
 
-_fixed_point_adjoint_op = torch.library.custom_op("dynalay::fixed_point_adjoint", mutates_args=())(
-    _fixed_point_adjoint_impl)
-
-
-def fixed_point_adjoint(*args):
-    return (_fixed_point_adjoint_op if _traced(*args) else _fixed_point_adjoint_impl)(*args)
+_fixed_point_adjoint_op, fixed_point_adjoint = _register("fixed_point_adjoint", _fixed_point_adjoint_impl)
 
 
 @_fixed_point_adjoint_op.register_fake
@@ -87,11 +89,7 @@ def _grouped_wgrad_impl(u: Tensor, x: Tensor, actions: Optional[Tensor], num_lay
     return out.to(cd)
 
 
-_grouped_wgrad_op = torch.library.custom_op("dynalay::grouped_wgrad", mutates_args=())(_grouped_wgrad_impl)
-
-
-def grouped_wgrad(*args):
-    return (_grouped_wgrad_op if _traced(*args) else _grouped_wgrad_impl)(*args)
+_grouped_wgrad_op, grouped_wgrad = _register("grouped_wgrad", _grouped_wgrad_impl)
 
 
 @_grouped_wgrad_op.register_fake
@@ -114,11 +112,7 @@ def _grouped_linear_impl(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Ten
     return y.to(x.dtype)
 
 
-_grouped_linear_op = torch.library.custom_op("dynalay::grouped_linear", mutates_args=())(_grouped_linear_impl)
-
-
-def grouped_linear(*args):
-    return (_grouped_linear_op if _traced(*args) else _grouped_linear_impl)(*args)
+_grouped_linear_op, grouped_linear = _register("grouped_linear", _grouped_linear_impl)
 
 
 @_grouped_linear_op.register_fake
