@@ -56,7 +56,7 @@ if torch is not None:
     if cpp_mode != "0":
         ext_modules.append(CppExtension(
             "dynalay._C",
-            ["csrc/dynalay_ops.cpp", "csrc/cpu/solver_cpu.cpp"],
+            ["csrc/dynalay_ops.cpp", "csrc/cpu/solver_cpu.cpp", "csrc/cpu/model_cpu.cpp"],
             extra_compile_args={"cxx": opt + ["-fopenmp", "-std=c++17"] + limited},
             extra_link_args=["-fopenmp"],
             py_limited_api=True,

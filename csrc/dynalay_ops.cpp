@@ -29,4 +29,15 @@ TORCH_LIBRARY(dynalay_C, m) {
   m.def("first_non_finite(Tensor[] ts) -> int");
   m.def("grouped_linear(Tensor x, Tensor U, Tensor? b, Tensor actions, bool transpose) -> Tensor");
   m.def("grouped_wgrad(Tensor u, Tensor x, Tensor? actions, int num_layers) -> Tensor");
+  // the agent's greedy decision for every row (csrc/cpu/model_cpu.cpp): actions, conf, pred
+  m.def(
+      "agent_decide(Tensor logits, Tensor? proj, Tensor hist, Tensor prev_pred, Tensor[] agent, int t, "
+      "float nop_bias) -> (Tensor, Tensor, Tensor)");
+  // DynaLay.run's inference loop in one call (csrc/cpu/model_cpu.cpp): logits, layers, iters,
+  // actions, step_iters, rows_per_step
+  m.def(
+      "run_model(Tensor h, Tensor U, Tensor W, Tensor b, float tol, int max_iter, str solver, float damping, "
+      "int anderson_m, float anderson_lam, float eps, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor head_w, "
+      "Tensor head_b, Tensor[] agent, float nop_bias, float lam_feature, Tensor? forced, float? exit_threshold, "
+      "int max_steps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

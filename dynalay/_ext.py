@@ -24,7 +24,8 @@ def build_info() -> dict:
 
 # The ops each extension must define: a library built from an older dynalay (stale build in an
 # editable install) loads fine but lacks the newer ops; it is then treated as not loaded.
-CPP_OPS = ("fp_solve", "dynamic_step", "implicit_backward", "first_non_finite", "grouped_linear", "grouped_wgrad")
+CPP_OPS = ("fp_solve", "dynamic_step", "implicit_backward", "first_non_finite", "grouped_linear", "grouped_wgrad",
+           "agent_decide", "run_model")
 
 
 def missing_ops(namespace: str, names) -> list:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import dynalay
 import dynalay.models.dynalay as dmod
 from dynalay.models import DynaLay, DynaLayConfig, MLPBaseline, mlp_hidden_for_params
 
@@ -38,20 +39,25 @@ def test_nop_removes_rows_from_later_steps(monkeypatch):
     forced = m.static_actions(B)
     forced[:10, 1] = L    # 10 rows stop after one layer
     forced[10:25, 2] = L  # 15 rows stop after two layers
-    with torch.no_grad():
-        out = m.run(torch.randn(B, 12), policy="forced", forced=forced, details=True)
+    x = torch.randn(B, 12)
+    with torch.no_grad():  # the Python loop (the counter sees its dynamic_step calls)
+        out = m.run(x, policy="forced", forced=forced, details=True, fused=False)
     assert [len(c) for c in cnt.calls] == [40, 30, 15, 15]
     assert out.rows_per_step == [40, 30, 15, 15]
     for c in cnt.calls:  # with compaction no NOP row is ever handed to the op
         assert (c < L).all()
     assert out.steps.tolist() == [1] * 10 + [2] * 15 + [4] * 15
     assert (out.step_iters[:10, 1:] == 0).all() and (out.step_iters[10:25, 2:] == 0).all()
+    if dynalay.backends.availability_error("cpp") is None:  # the one-call C++ loop counts the same rows
+        with torch.no_grad():
+            fo = m.run(x, policy="forced", forced=forced, details=True, fused=True)
+        assert fo.rows_per_step == [40, 30, 15, 15] and torch.equal(fo.steps, out.steps)
     # the agent: a large NOP bias after step 0 stops everyone -> a single op call
     cnt.calls.clear()
     with torch.no_grad():
         m.policy.step_bias[1:, L] = 50.0
         m.policy.step_bias[0, L] = -50.0
-        out = m.run(torch.randn(B, 12))
+        out = m.run(torch.randn(B, 12), fused=False)
     assert [len(c) for c in cnt.calls] == [B] and out.rows_per_step == [B]
     assert (out.steps == 1).all()
 
@@ -85,7 +91,7 @@ def test_compact_and_nop_action_dispatch_agree(policy, lam):
             kw = dict(policy="forced", forced=f)
         else:
             kw = dict(policy="forced", forced=m.static_actions(64), exit_threshold=0.25 + lam / 10)
-        a = m.run(x, details=True, **kw)
+        a = m.run(x, details=True, fused=False, **kw)  # the fused loop: tests/test_model_fused.py
         b = m.run(x, compact=False, details=True, **kw)
     assert torch.equal(a.actions, b.actions) and torch.equal(a.step_iters, b.step_iters)
     assert torch.equal(a.flops, b.flops) and torch.equal(a.steps, b.steps)

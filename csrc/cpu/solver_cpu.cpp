@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "solver_cpu.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -50,6 +52,7 @@ struct Cfg {
   double lam;
   double eps;
   bool z0_zero = false;  // the initial iterate is 0: the first f-evaluation needs no GEMM
+  int64_t min_blocks = 4;  // blocks_per_group: split groups for parallelism down to this many blocks
 };
 
 // Solve the m x m (or smaller) system A y = rhs in place by Gaussian elimination with
@@ -406,9 +409,8 @@ struct Block {
 // costs more than a small split saves).  The blocking depends on the group sizes and H only,
 // never on the thread count: the GEMM's rounding can depend on its row count, and results
 // must be the same with 1 thread or 64.
-std::vector<int64_t> blocks_per_group(const std::vector<int64_t>& sizes, int64_t H) {
+std::vector<int64_t> blocks_per_group(const std::vector<int64_t>& sizes, int64_t H, int64_t kMinBlocks) {
   constexpr int64_t kMinBlockFlops = int64_t(1) << 21;
-  constexpr int64_t kMinBlocks = 4;
   const int64_t flops_per_row = 2 * H * H;
   const int64_t target = std::max<int64_t>(8, std::min<int64_t>(256, (32768 + H - 1) / H));
   const int64_t min_rows = std::max<int64_t>(8, (kMinBlockFlops + flops_per_row - 1) / flops_per_row);
@@ -450,7 +452,7 @@ void solve_packed(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M,
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<int64_t> sizes(L);
   for (int64_t l = 0; l < L; ++l) sizes[l] = offsets[l + 1] - offsets[l];
-  const std::vector<int64_t> nb_g = blocks_per_group(sizes, H);
+  const std::vector<int64_t> nb_g = blocks_per_group(sizes, H, cfg.min_blocks);
   std::vector<Block> blocks;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t g0 = offsets[l], gn = sizes[l];
@@ -590,13 +592,18 @@ void pass_rows(T* dst, const T* src, const std::vector<int64_t>& perm, int64_t f
   });
 }
 
+}  // namespace
+
+double row_dot(const float* a, const float* b, int64_t n) { return dot<float>(a, b, n); }
+double row_dot(const double* a, const double* b, int64_t n) { return dot<double>(a, b, n); }
+
 // One DynaLay step, fused: group once, inj = h U[l]^T + b[l] straight into the packed
 // constant term, solve every group, copy the NOP rows of h.  h_new is never zero-filled:
 // every row is written exactly once (by its block or by the NOP copy).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_blocked(
     const at::Tensor& h, const at::Tensor& actions, const at::Tensor& U, const at::Tensor& W, const at::Tensor& b,
     double tol, int64_t max_iter, c10::string_view solver, double damping, int64_t anderson_m, double anderson_lam,
-    double eps) {
+    double eps, int64_t min_blocks) {
   TORCH_CHECK(h.dim() == 2, "dynalay: h must be (B, H)");
   const int64_t B = h.size(0), H = h.size(1), L = U.size(0);
   TORCH_CHECK(U.dim() == 3 && U.size(1) == H && U.size(2) == H, "dynalay: U must be (L, H, H)");
@@ -607,7 +614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_cpu(
   TORCH_CHECK(actions.dim() == 1 && actions.size(0) == B && actions.scalar_type() == at::kLong,
               "dynalay: actions must be (B,) int64");
   TORCH_CHECK(solver == "picard" || solver == "anderson", "dynalay: unknown solver");
-  Cfg cfg{false, tol, max_iter, solver == "anderson", damping, anderson_m, anderson_lam, eps, true};
+  Cfg cfg{false, tol, max_iter, solver == "anderson", damping, anderson_m, anderson_lam, eps, true, min_blocks};
   at::Tensor hc = h.contiguous();
   std::vector<int64_t> offsets, perm;
   group_rows(actions, L, offsets, perm);
@@ -639,6 +646,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_cpu(
                     res.data_ptr<T>(), cp);
   });
   return {out, iters, res, conv};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_cpu(
+    const at::Tensor& h, const at::Tensor& actions, const at::Tensor& U, const at::Tensor& W, const at::Tensor& b,
+    double tol, int64_t max_iter, c10::string_view solver, double damping, int64_t anderson_m, double anderson_lam,
+    double eps) {
+  return dynamic_step_blocked(h, actions, U, W, b, tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, 4);
 }
 
 // The implicit (IFT) backward in one call: with d = 1 - z*^2, solve u = d * (g + u W[l]) for

@@ -45,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _ext, backends
 from ..nn.dynamic import DynamicFPIStep
+from ..ops._common import SolverConfig, tracing
 from ..ops.dispatch import dynamic_step
 
 __all__ = ["DynaLayConfig", "DynaLay", "DynaLayOutput", "CostModel", "Policy", "MLPBaseline", "mlp_hidden_for_params"]
@@ -319,7 +321,7 @@ class DynaLay(nn.Module):
             budget: Optional[float] = None,
             forced: Optional[Tensor] = None, exit_threshold: Optional[float] = None, compact: bool = True,
             generator: Optional[torch.Generator] = None, W: Optional[Tensor] = None, details: bool = False,
-            record: bool = False) -> DynaLayOutput:
+            record: bool = False, fused: Optional[bool] = None) -> DynaLayOutput:
         """Run the model on ``x`` (``(B, D)``).
 
         policy: ``"greedy"`` (argmax of the agent, evaluation), ``"sample"`` (training) or
@@ -340,6 +342,9 @@ class DynaLay(nn.Module):
         W: the pool's effective weight (training computes it once per optimisation step).
         details: also return the per-step action and iteration tables.
         record: also return the training fields (implies ``details``).
+        fused: run the whole loop in one C++ call (``dynalay_C::run_model``, bit-for-bit the same
+            results; see :meth:`fused_reason`): ``None`` (default) when it can, ``True`` requires it
+            (``RuntimeError`` with the reason otherwise), ``False`` runs the Python loop.
         """
         cfg, cost = self.cfg, self.costs
         L, T, C = cfg.num_layers, cfg.max_steps, cfg.num_classes
@@ -360,6 +365,13 @@ class DynaLay(nn.Module):
             if budget is not None:
                 raise ValueError("budget applies to the agent's policy, not to a forced action table")
         details = details or record
+        if fused is not False:
+            lam_v = self.default_lam if lam is None else lam
+            why = self.fused_reason(x, policy=policy, lam=lam_v, budget=budget, compact=compact, record=record)
+            if why is None:
+                return self._run_fused(x, policy, lam_v, nop_bias, forced, exit_threshold, W, details)
+            if fused:
+                raise RuntimeError(f"DynaLay.run(fused=True) cannot run: {why}")
         head_every_state = use_agent or exit_threshold is not None or record
         if W is None:
             W = self.pool.effective_weight()
@@ -407,6 +419,11 @@ class DynaLay(nn.Module):
                 raise ValueError(f"budget {float(budget):.4g} FLOPs/sample is below the minimum {mandatory:.4g} "
                                  f"(encoder + head + agent on the input)")
             spent = B * mandatory
+        # inference of the greedy agent on the cpp backend: the decision is the C++ kernel that the
+        # one-call loop (run_model) uses, so the two paths agree
+        c_decide = use_agent and policy == "greedy" and budget is None and \
+            self.fused_reason(x, lam=lam, compact=True, record=record) is None
+        agent_w = self._agent_weights()[:6] if c_decide else None
         bias_vec = None
         if use_agent and nop_bias:
             bias_vec = torch.zeros(L + 1, dtype=h.dtype, device=dev)
@@ -432,6 +449,9 @@ class DynaLay(nn.Module):
             g = None
             if last_step:
                 a = torch.full((n,), L, dtype=i64, device=dev)
+            elif use_agent and c_decide:  # the agent_decide kernel (the fused loop's arithmetic)
+                a, conf, pred = torch.ops.dynalay_C.agent_decide(logits_t, proj, hist, prev_pred, agent_w, t,
+                                                                 float(nop_bias))
             elif use_agent:
                 lg = logits_t.detach()
                 mx, pred = lg.max(1, keepdim=True)
@@ -599,6 +619,62 @@ class DynaLay(nn.Module):
             decided[ri, ti] = True
         return DynaLayOutput(logits, flops, layers_all, iters_all, rows_per_step, actions, step_iters, log_probs,
                              entropy, values, decided, step_flops, state_change, inter)
+
+    def fused_reason(self, x: Tensor, *, policy: str = "greedy", lam=None, budget=None, compact: bool = True,
+                     record: bool = False) -> Optional[str]:
+        """Why ``run`` cannot take the one-call C++ inference loop for these arguments (None: it can).
+        It covers inference (no gradient, eval mode) of the greedy agent or a forced table (static,
+        truncation, early exit) with compaction and no hard budget, on the ``cpp`` backend."""
+        if record or self.training or torch.is_grad_enabled():
+            return "training (record, train mode or gradient enabled)"
+        if policy == "sample" or budget is not None or not compact:
+            return "sampled policy, hard budget or compact=False"
+        if isinstance(lam, Tensor):
+            return "lam is a tensor"
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or \
+                self.pool.U.dtype != x.dtype:
+            return "needs float32/float64 CPU tensors of the model's dtype"
+        if tracing(x, self.pool.U):
+            return "tracing (torch.compile or a dispatch mode)"
+        if backends.select(x.device, x.dtype, ("picard",), self.cfg.backend) != "cpp":
+            return "the selected backend is not cpp"
+        if _ext.cpp_error():
+            return _ext.cpp_error()
+        return None
+
+    def _agent_weights(self) -> List[Tensor]:
+        """The policy's weights in the order of the C++ kernels (agent_decide takes the first 6)."""
+        pol = self.policy
+        w = [pol.inp.weight, pol.inp.bias, pol.step_emb, pol.out.weight, pol.out.bias, pol.step_bias]
+        if pol.proj is not None:
+            w += [pol.proj.weight, pol.proj.bias]
+        return w
+
+    def _run_fused(self, x, policy, lam, nop_bias, forced, exit_threshold, W, details) -> DynaLayOutput:
+        cfg, cost = self.cfg, self.costs
+        h = torch.tanh(self.encoder(x))
+        if W is None:
+            W = self.pool.effective_weight()
+        ln, head_lin = self.head[0], self.head[1]
+        agent, lam_feature = [], 0.0
+        if policy != "forced":
+            agent = self._agent_weights()
+            lam_feature = cfg.lam_feature(lam)
+        solve_args = SolverConfig(cfg.tol, cfg.max_iter).validate().op_args()
+        from ..backends import cpp as cpp_backend
+        logits, layers, iters, actions, step_iters, rps = cpp_backend.run_model(
+            h, self.pool.U, W, self.pool.b, solve_args, ln.weight, ln.bias, ln.eps, head_lin.weight, head_lin.bias,
+            agent, float(nop_bias), lam_feature, forced if policy == "forced" else None,
+            None if exit_threshold is None else float(exit_threshold), cfg.max_steps)
+        if policy != "forced":
+            head_states, agent_states = layers + 1, torch.clamp(layers + 1, max=cfg.max_steps)
+        else:
+            head_states = layers + 1 if exit_threshold is not None else torch.ones_like(layers)
+            agent_states = torch.zeros_like(layers)
+        flops = cost.per_sample(layers, iters, head_states, agent_states)
+        rows_per_step = [int(v) for v in rps.tolist() if v > 0]
+        return DynaLayOutput(logits, flops, layers, iters, rows_per_step, actions if details else None,
+                             step_iters if details else None)
 
     # ------------------------------------------------------------------ conveniences
     def run_static(self, x: Tensor, steps: Optional[int] = None, exit_threshold: Optional[float] = None,

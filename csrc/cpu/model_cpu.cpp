@@ -1,0 +1,422 @@
+// The DynaLay model's inference loop in one call (dynalay_C::run_model): at every step the
+// head and the agent on the active rows, the decision, the compaction of the rows that stop,
+// one dynamic_step for the rows that go on, and the bookkeeping.  It replaces ~40 Python-level
+// ATen calls per step (~1.4 ms per batch of 256 on the 2-core CI machine, a third of DynaLay's
+// time) with the same ATen calls made from C++ plus plain loops for the integer bookkeeping.
+//
+// It mirrors DynaLay.run (dynalay/models/dynalay.py) for the greedy policy and for a forced
+// action table (static, truncation, early exit), with compaction, no hard budget, no gradient.
+// Every floating-point value comes from the same ATen op on the same operands in the same
+// order as the Python loop, or from a loop doing the same single IEEE operation (copies,
+// one multiply, int -> float), so the two paths agree bit for bit (tests/test_model_fused.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "solver_cpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <exception>
+#include <tuple>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace dynalay {
+namespace {
+
+using Tensor = at::Tensor;
+
+// The agent's decision for rows [r0, r1): from the head's logits (n, C), the state projection
+// (n, P) or none, the history (n, HD) and the previous prediction, the introspection features
+//   f = [proj, max probability, normalised entropy, prediction changed, history]
+// then g = out_w tanh(inp_w f + inp_b + step_emb[t]) + out_b + step_bias[t] (+ nop_bias on
+// NOP) and the action argmax g (first maximum).  Policy.forward's arithmetic, per row, with
+// sums in double, exp and tanh in the input precision: a row's result never depends on the other rows, so every caller (the
+// Python loop in inference, run_model with any chunking) gets the same bits.
+template <typename S>
+void decide_rows(int64_t r0, int64_t r1, const S* logits, int64_t ls, int64_t C, const S* proj, int64_t ps,
+                 int64_t P, const S* hist, int64_t HD, const int64_t* prev_pred, const S* inp_w, const S* inp_b,
+                 const S* emb, int64_t A, const S* out_w, const S* out_b, const S* bias, int64_t NA,
+                 double nop_bias, int64_t* act, S* conf_out, int64_t* pred_out) {
+  const int64_t F = P + 3 + HD;
+  const double inv_log_c = 1.0 / std::log(static_cast<double>(C));
+  std::vector<double> f(F), u(A);
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* l = logits + r * ls;
+    int64_t pred = 0;
+    double mx = static_cast<double>(l[0]);
+    for (int64_t j = 1; j < C; ++j) {
+      const double v = static_cast<double>(l[j]);
+      if (v > mx || (std::isnan(v) && !std::isnan(mx))) { mx = v; pred = j; }
+    }
+    double s = 0.0, ez = 0.0;
+    for (int64_t j = 0; j < C; ++j) {
+      const double z = static_cast<double>(l[j]) - mx;
+      const double e = static_cast<double>(std::exp(static_cast<S>(z)));  // in S: float exp is 3x cheaper
+      s += e;
+      ez += e * z;
+    }
+    const double conf = 1.0 / s;
+    for (int64_t p = 0; p < P; ++p) f[p] = static_cast<double>(proj[r * ps + p]);
+    f[P] = conf;
+    f[P + 1] = (std::log(s) - ez * conf) * inv_log_c;
+    f[P + 2] = pred != prev_pred[r] ? 1.0 : 0.0;
+    for (int64_t k = 0; k < HD; ++k) f[P + 3 + k] = static_cast<double>(hist[r * HD + k]);
+    for (int64_t k = 0; k < A; ++k) {
+      const S* w = inp_w + k * F;
+      double acc = static_cast<double>(inp_b[k]) + static_cast<double>(emb[k]);
+      for (int64_t i = 0; i < F; ++i) acc += static_cast<double>(w[i]) * f[i];
+      u[k] = static_cast<double>(std::tanh(static_cast<S>(acc)));
+    }
+    int64_t best = 0;
+    double gbest = 0.0;
+    for (int64_t m = 0; m < NA; ++m) {
+      const S* w = out_w + m * A;
+      double acc = static_cast<double>(out_b[m]) + static_cast<double>(bias[m]);
+      for (int64_t k = 0; k < A; ++k) acc += static_cast<double>(w[k]) * u[k];
+      if (m == NA - 1) acc += nop_bias;
+      if (m == 0 || acc > gbest) { best = m; gbest = acc; }
+    }
+    act[r] = best;
+    conf_out[r] = static_cast<S>(conf);
+    pred_out[r] = pred;
+  }
+}
+
+// The agent_decide op: (actions, conf, pred) for every row of `logits` (see decide_rows).
+std::tuple<Tensor, Tensor, Tensor> agent_decide_cpu(const Tensor& logits, const c10::optional<Tensor>& proj,
+                                                    const Tensor& hist, const Tensor& prev_pred, at::TensorList agent,
+                                                    int64_t t, double nop_bias) {
+  TORCH_CHECK(logits.dim() == 2 && hist.dim() == 2 && hist.size(0) == logits.size(0),
+              "dynalay: agent_decide needs logits (n, C) and hist (n, HD)");
+  TORCH_CHECK(prev_pred.dim() == 1 && prev_pred.size(0) == logits.size(0) && prev_pred.scalar_type() == at::kLong,
+              "dynalay: prev_pred must be (n,) int64");
+  TORCH_CHECK(agent.size() == 6, "dynalay: agent weights are [inp_w, inp_b, step_emb, out_w, out_b, step_bias]");
+  const int64_t n = logits.size(0), C = logits.size(1), HD = hist.size(1);
+  const bool has_proj = proj.has_value() && proj->defined();
+  const int64_t P = has_proj ? proj->size(1) : 0;
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "dynalay: agent_decide runs float32 or float64");
+  const int64_t A = agent[0].size(0), NA = agent[3].size(0), T = agent[2].size(0);
+  TORCH_CHECK(agent[0].dim() == 2 && agent[0].size(1) == P + 3 + HD, "dynalay: inp_w must be (A, P + 3 + HD)");
+  TORCH_CHECK(agent[3].dim() == 2 && agent[3].size(1) == A && agent[5].size(0) == T && agent[5].size(1) == NA,
+              "dynalay: out_w must be (L + 1, A), step_bias (T, L + 1)");
+  TORCH_CHECK(t >= 0 && t < T, "dynalay: step ", t, " out of range [0, ", T, ")");
+  for (const Tensor& w : agent) TORCH_CHECK(w.scalar_type() == dt, "dynalay: agent weights must have the logits' dtype");
+  TORCH_CHECK(!has_proj || (proj->scalar_type() == dt && proj->size(0) == n), "dynalay: proj must be (n, P)");
+  TORCH_CHECK(hist.scalar_type() == dt, "dynalay: hist must have the logits' dtype");
+  Tensor act = at::empty({n}, logits.options().dtype(at::kLong));
+  Tensor conf = at::empty({n}, logits.options());
+  Tensor pred = at::empty({n}, logits.options().dtype(at::kLong));
+  const Tensor lg = logits.stride(1) == 1 ? logits : logits.contiguous();
+  const Tensor pj = has_proj ? (proj->stride(1) == 1 ? *proj : proj->contiguous()) : Tensor();
+  const Tensor hc = hist.contiguous(), pp = prev_pred.contiguous();
+  std::vector<Tensor> w;
+  for (const Tensor& x : agent) w.push_back(x.contiguous());
+  AT_DISPATCH_FLOATING_TYPES(dt, "dynalay_agent_decide", [&] {
+    using S = scalar_t;
+    at::parallel_for(0, n, 128, [&](int64_t r0, int64_t r1) {
+      decide_rows<S>(r0, r1, lg.data_ptr<S>(), lg.stride(0), C, has_proj ? pj.data_ptr<S>() : nullptr,
+                     has_proj ? pj.stride(0) : 0, P, hc.data_ptr<S>(), HD, pp.data_ptr<int64_t>(), w[0].data_ptr<S>(),
+                     w[1].data_ptr<S>(), w[2].data_ptr<S>() + t * A, A, w[3].data_ptr<S>(), w[4].data_ptr<S>(),
+                     w[5].data_ptr<S>() + t * NA, NA, nop_bias, act.data_ptr<int64_t>(), conf.data_ptr<S>(),
+                     pred.data_ptr<int64_t>());
+    });
+  });
+  return {act, conf, pred};
+}
+
+// Everything a chunk of rows needs (read-only) and the outputs it writes (its rows only).
+struct RunArgs {
+  Tensor U, W, b, ln_w, ln_b, w_head, b_head, forced, ones;
+  std::vector<Tensor> agent;  // contiguous
+  double tol, damping, anderson_lam, eps, ln_eps, nop_bias, lam_feature;
+  int64_t max_iter, anderson_m, T, L, H, C, P, HD;
+  c10::string_view solver;
+  c10::optional<double> exit_threshold;
+  bool use_agent;
+  Tensor fin;  // (B, C) outputs, written at the chunk's rows only
+  int64_t *layers, *iters, *actions;
+  int32_t* step_iters;
+};
+
+// LayerNorm of one state, then K rows of the head matrix (the head's C logits, then the
+// agent's P projections): out[k] = w_head[k] . LN(x) + b_head[k].  Mean and variance and the
+// dot products accumulate in double (row_dot).
+template <typename S>
+void head_row(const RunArgs& A, const S* x, int64_t K, S* zbuf, S* out) {
+  const int64_t H = A.H;
+  const double mean = row_dot(x, A.ones.data_ptr<S>(), H) / static_cast<double>(H);
+  const double var = std::max(0.0, row_dot(x, x, H) / static_cast<double>(H) - mean * mean);
+  const double rstd = 1.0 / std::sqrt(var + A.ln_eps);
+  const S* g = A.ln_w.data_ptr<S>();
+  const S* bb = A.ln_b.data_ptr<S>();
+  for (int64_t j = 0; j < H; ++j) zbuf[j] = static_cast<S>((static_cast<double>(x[j]) - mean) * rstd) * g[j] + bb[j];
+  const S* w = A.w_head.data_ptr<S>();
+  const S* bh = A.b_head.data_ptr<S>();
+  for (int64_t k = 0; k < K; ++k) out[k] = static_cast<S>(row_dot(w + k * H, zbuf, H) + static_cast<double>(bh[k]));
+}
+
+// Max probability of the softmax of l[0..C) (the early-exit confidence), in double.
+template <typename S>
+double max_prob(const S* l, int64_t C) {
+  double mx = static_cast<double>(l[0]);
+  for (int64_t j = 1; j < C; ++j) mx = std::max(mx, static_cast<double>(l[j]));
+  double s = 0.0;
+  for (int64_t j = 0; j < C; ++j) s += std::exp(static_cast<double>(l[j]) - mx);
+  return 1.0 / s;
+}
+
+// DynaLay.run on rows [r0, r1) of h0: every step of the loop (module docstring of
+// dynalay/models/dynalay.py) on one thread; the rows that stop leave the chunk.  Per-row work is
+// plain loops over the chunk's own buffers; the solve is one dynamic_step per step.
+// rps[t] += rows solved at step t.
+template <typename S>
+void run_rows(const RunArgs& A, const Tensor& h0, int64_t r0, int64_t r1, int64_t* rps) {
+  const int64_t T = A.T, L = A.L, H = A.H, C = A.C, P = A.P, HD = A.HD, K = C + P;
+  const auto opt = h0.options();
+  const auto i64 = opt.dtype(at::kLong);
+  int64_t n = r1 - r0;
+  std::vector<int64_t> rows(n), a(n), pred(n), prev_pred(n, -1), ridx;
+  for (int64_t i = 0; i < n; ++i) rows[i] = r0 + i;
+  std::vector<S> hist, conf(n), lg(n * K), zbuf(H), tmp(C);
+  std::vector<double> hn(n);
+  bool hn_known = false;
+  if (A.use_agent) {
+    hist.assign(n * HD, S(0));
+    for (int64_t i = 0; i < n; ++i) hist[i * HD + HD - 1] = static_cast<S>(A.lam_feature);
+  }
+  const bool head_every_state = A.use_agent || A.exit_threshold.has_value();
+  Tensor hs = h0.narrow(0, r0, n);
+  S* fin = A.fin.data_ptr<S>();
+  const int64_t* forced = A.use_agent ? nullptr : A.forced.data_ptr<int64_t>();
+  for (int64_t t = 0; t <= T; ++t) {
+    const bool last = t == T;
+    const S* hp = hs.data_ptr<S>();
+    // ---- the head (and the agent's projection) on the current states
+    if (head_every_state)
+      for (int64_t i = 0; i < n; ++i) head_row<S>(A, hp + i * H, K, zbuf.data(), lg.data() + i * K);
+    // ---- decide
+    if (last) {
+      std::fill(a.begin(), a.begin() + n, L);
+    } else if (A.use_agent) {
+      const auto& w = A.agent;
+      const int64_t na = w[2].size(1);
+      decide_rows<S>(0, n, lg.data(), K, C, P > 0 ? lg.data() + C : nullptr, K, P, hist.data(), HD,
+                     prev_pred.data(), w[0].data_ptr<S>(), w[1].data_ptr<S>(), w[2].data_ptr<S>() + t * na, na,
+                     w[3].data_ptr<S>(), w[4].data_ptr<S>(), w[5].data_ptr<S>() + t * (L + 1), L + 1, A.nop_bias,
+                     a.data(), conf.data(), pred.data());
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t v = forced[rows[i] * T + t];
+        TORCH_CHECK(v >= 0 && v <= L, "dynalay: forced actions must lie in [0, ", L, "], got ", v);
+        a[i] = v;
+        if (A.exit_threshold.has_value() && max_prob(lg.data() + i * K, C) >= *A.exit_threshold) a[i] = L;
+      }
+    }
+    // ---- rows that stop now: their prediction is the head on their current state; the
+    // others move to the front of every per-row buffer, in order
+    int64_t w_ = 0;
+    ridx.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = rows[i];
+      if (!last) A.actions[row * T + t] = a[i];
+      if (a[i] == L) {
+        if (head_every_state) {
+          std::copy(lg.data() + i * K, lg.data() + i * K + C, fin + row * C);
+        } else {  // static / truncation: the head only runs where a row ends
+          head_row<S>(A, hp + i * H, C, zbuf.data(), fin + row * C);
+        }
+        continue;
+      }
+      ridx.push_back(i);
+      if (w_ != i) {
+        rows[w_] = row;
+        a[w_] = a[i];
+        if (A.use_agent) {
+          std::copy(hist.data() + i * HD, hist.data() + (i + 1) * HD, hist.data() + w_ * HD);
+          conf[w_] = conf[i];
+          pred[w_] = pred[i];
+          hn[w_] = hn[i];
+        }
+      }
+      ++w_;
+    }
+    const int64_t n_run = w_;
+    if (last || n_run == 0) break;
+    if (n_run < n) hs = hs.index_select(0, at::from_blob(ridx.data(), {n_run}, i64));  // the running rows' states
+    n = n_run;
+    rps[t] += n;
+    // ---- one dynamic_step; one block per group: this chunk runs on one thread (the same
+    // blocking with any thread count)
+    Tensor at_ = at::from_blob(a.data(), {n}, i64);
+    auto r = dynamic_step_blocked(hs, at_, A.U, A.W, A.b, A.tol, A.max_iter, A.solver, A.damping, A.anderson_m,
+                                  A.anderson_lam, A.eps, 1);
+    const Tensor h1 = std::get<0>(r);
+    const int32_t* itp = std::get<1>(r).data_ptr<int32_t>();
+    const bool* cvp = std::get<3>(r).data_ptr<bool>();
+    for (int64_t i = 0; i < n; ++i) {
+      A.layers[rows[i]] += 1;
+      A.iters[rows[i]] += itp[i];
+      A.step_iters[rows[i] * T + t] = itp[i];
+    }
+    if (A.use_agent) {
+      const S* x0 = hs.data_ptr<S>();
+      const S* x1 = h1.data_ptr<S>();
+      const S use_inc = static_cast<S>(1.0 / static_cast<double>(T));
+      const S it_scale = static_cast<S>(1.0 / static_cast<double>(A.max_iter));
+      for (int64_t i = 0; i < n; ++i) {
+        // relative state change ||h1 - h0|| / ||h0|| from two reductions (||h0|| is carried)
+        const double n0 = hn_known ? hn[i] : std::sqrt(row_dot(x0 + i * H, x0 + i * H, H));
+        const double n1 = std::sqrt(row_dot(x1 + i * H, x1 + i * H, H));
+        const double d2 = std::max(0.0, n1 * n1 + n0 * n0 - 2.0 * row_dot(x1 + i * H, x0 + i * H, H));
+        hn[i] = n1;
+        S* row = hist.data() + i * HD;
+        row[a[i]] += use_inc;                                // layer-use counts / T
+        for (int64_t l = 0; l < L; ++l) row[L + l] = S(0);  // last action one-hot
+        row[L + a[i]] = S(1);
+        row[2 * L] = static_cast<S>(itp[i]) * it_scale;     // last solve's iters / max_iter
+        row[2 * L + 1] = cvp[i] ? S(1) : S(0);              // last converged
+        row[2 * L + 2] = static_cast<S>(std::sqrt(d2) / (n0 + 1e-6));  // relative state change
+        row[2 * L + 3] = conf[i];                           // max probability on the previous state
+        prev_pred[i] = pred[i];
+      }
+      hn_known = true;
+    }
+    hs = h1;
+  }
+}
+
+// Rows per chunk: the batch is cut into chunks that threads run through every step on their
+// own (no barrier between the small ops of a step; the ops of a chunk run serially on its
+// thread).  Like the solve's blocking it depends on B and H only, never on the thread count.
+int64_t chunk_rows(int64_t B, int64_t H) {
+  static const char* force = std::getenv("DYNALAY_CPU_CHUNK_ROWS");  // tuning/diagnosis only
+  if (force != nullptr && std::atoll(force) > 0) return std::atoll(force);
+  const int64_t min_rows = std::max<int64_t>(16, (int64_t(1) << 20) / (2 * H * H));  // >= 1 MFLOP per GEMM
+  return std::max<int64_t>(std::min<int64_t>(B, min_rows), std::min<int64_t>(256, (B + 3) / 4));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu(
+    const Tensor& h0_, const Tensor& U, const Tensor& W, const Tensor& b, double tol, int64_t max_iter,
+    c10::string_view solver, double damping, int64_t anderson_m, double anderson_lam, double eps,
+    const Tensor& ln_w, const Tensor& ln_b, double ln_eps, const Tensor& head_w, const Tensor& head_b,
+    at::TensorList agent, double nop_bias, double lam_feature, const c10::optional<Tensor>& forced,
+    c10::optional<double> exit_threshold, int64_t T) {
+  TORCH_CHECK(h0_.dim() == 2 && h0_.size(0) > 0, "dynalay: run_model needs h of shape (B, H), B >= 1");
+  const auto dt = h0_.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "dynalay: run_model runs float32 or float64");
+  const Tensor h0 = h0_.contiguous();
+  const int64_t B = h0.size(0), H = h0.size(1), L = U.size(0), C = head_w.size(0);
+  TORCH_CHECK(T >= 1, "dynalay: run_model needs max_steps >= 1");
+  TORCH_CHECK(head_w.dim() == 2 && head_w.size(1) == H && head_w.scalar_type() == dt,
+              "dynalay: head weight must be (C, H) of h's dtype");
+  const bool use_agent = !agent.empty();
+  const bool has_forced = forced.has_value() && forced->defined();
+  TORCH_CHECK(use_agent != has_forced, "dynalay: run_model takes either agent weights or a forced action table");
+  TORCH_CHECK(agent.empty() || agent.size() == 6 || agent.size() == 8,
+              "dynalay: agent weights are [inp_w, inp_b, step_emb, out_w, out_b, step_bias(, proj_w, proj_b)]");
+  TORCH_CHECK(!has_forced || (forced->dim() == 2 && forced->size(0) == B && forced->size(1) == T &&
+                              forced->scalar_type() == at::kLong),
+              "dynalay: forced must be a (B, max_steps) int64 table");
+  TORCH_CHECK(use_agent || nop_bias == 0.0, "dynalay: nop_bias applies to the agent only");
+  RunArgs A;
+  A.U = U; A.W = W; A.b = b;
+  A.ln_w = ln_w.contiguous(); A.ln_b = ln_b.contiguous();
+  TORCH_CHECK(A.ln_w.numel() == H && A.ln_b.numel() == H && ln_w.scalar_type() == dt && ln_b.scalar_type() == dt,
+              "dynalay: LayerNorm weight and bias must be (H,) of h's dtype");
+  A.tol = tol; A.damping = damping; A.anderson_lam = anderson_lam; A.eps = eps; A.ln_eps = ln_eps;
+  A.nop_bias = nop_bias; A.lam_feature = lam_feature; A.max_iter = max_iter; A.anderson_m = anderson_m;
+  A.T = T; A.L = L; A.H = H; A.C = C; A.HD = 2 * L + 5;  // DynaLayConfig.history_dim
+  A.P = agent.size() == 8 ? agent[6].size(0) : 0;
+  A.solver = solver; A.exit_threshold = exit_threshold; A.use_agent = use_agent;
+  A.ones = at::ones({H}, h0.options());
+  if (use_agent) {
+    for (size_t i = 0; i < 6; ++i) {
+      TORCH_CHECK(agent[i].scalar_type() == dt, "dynalay: agent weights must have h's dtype");
+      A.agent.push_back(agent[i].contiguous());
+    }
+    TORCH_CHECK(A.agent[0].dim() == 2 && A.agent[0].size(1) == A.P + 3 + A.HD && A.agent[2].size(0) == T &&
+                    A.agent[2].size(1) == A.agent[0].size(0) && A.agent[3].size(0) == L + 1 &&
+                    A.agent[3].size(1) == A.agent[0].size(0) && A.agent[5].size(0) == T &&
+                    A.agent[5].size(1) == L + 1,
+                "dynalay: agent weights do not match the model's sizes");
+  } else {
+    A.forced = forced->contiguous();
+  }
+  // the head's rows, then the agent's projection rows: one pass per state computes both
+  A.w_head = (A.P > 0 ? at::cat({head_w, agent[6]}) : head_w).contiguous();
+  A.b_head = (A.P > 0 ? at::cat({head_b, agent[7]}) : head_b).contiguous();
+  TORCH_CHECK(A.w_head.size(1) == H && A.b_head.numel() == C + A.P && A.b_head.scalar_type() == dt,
+              "dynalay: head weight (C, H) and bias (C,) of h's dtype");
+  const auto i64 = h0.options().dtype(at::kLong);
+  A.fin = at::zeros({B, C}, h0.options());
+  Tensor layers = at::zeros({B}, i64), iters = at::zeros({B}, i64);
+  Tensor actions = at::full({B, T}, -1, i64);
+  Tensor step_iters = at::zeros({B, T}, h0.options().dtype(at::kInt));
+  A.layers = layers.data_ptr<int64_t>();
+  A.iters = iters.data_ptr<int64_t>();
+  A.actions = actions.data_ptr<int64_t>();
+  A.step_iters = step_iters.data_ptr<int32_t>();
+
+  const int64_t cr = chunk_rows(B, H);
+  const int64_t nc = (B + cr - 1) / cr;
+  std::vector<int64_t> rps(nc * T, 0);
+  auto run_chunk = [&](int64_t c) {
+    AT_DISPATCH_FLOATING_TYPES(dt, "dynalay_run_model", [&] {
+      run_rows<scalar_t>(A, h0, c * cr, std::min(B, (c + 1) * cr), rps.data() + c * T);
+    });
+  };
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (nc == 1 || threads == 1 || at::in_parallel_region()) {
+    for (int64_t c = 0; c < nc; ++c) run_chunk(c);
+  } else {
+#ifdef _OPENMP
+    // Each chunk's ops run on its own thread (MKL and ATen would otherwise fork per op).
+    const int prev_levels = omp_get_max_active_levels();
+    omp_set_max_active_levels(1);
+    std::exception_ptr error;
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, nc)))
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t c = next++; c < nc; c = next++) {
+        try {
+          run_chunk(c);
+        } catch (...) {
+#pragma omp critical(dynalay_run_model_error)
+          if (!error) error = std::current_exception();
+          next = nc;
+        }
+      }
+    }
+    omp_set_max_active_levels(prev_levels);
+    if (error) std::rethrow_exception(error);
+#else
+    at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t c = c0; c < c1; ++c) run_chunk(c);
+    });
+#endif
+  }
+  Tensor rows_per_step = at::zeros({T}, i64);
+  int64_t* rpp = rows_per_step.data_ptr<int64_t>();
+  for (int64_t c = 0; c < nc; ++c)
+    for (int64_t t = 0; t < T; ++t) rpp[t] += rps[c * T + t];
+  return {A.fin, layers, iters, actions, step_iters, rows_per_step};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynalay_C, CPU, m) {
+  m.impl("agent_decide", &agent_decide_cpu);
+  m.impl("run_model", &run_model_cpu);
+}
+
+}  // namespace dynalay

@@ -1,0 +1,21 @@
+// Entry points of csrc/cpu/solver_cpu.cpp used by the other CPU kernels (csrc/cpu/model_cpu.cpp).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace dynalay {
+
+// dynalay_C::dynamic_step with an explicit blocking: groups are split into at least
+// `min_blocks` blocks when they are big enough (the op uses 4, for its threads; a caller that
+// runs it on one thread of its own parallel region passes 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_blocked(
+    const at::Tensor& h, const at::Tensor& actions, const at::Tensor& U, const at::Tensor& W, const at::Tensor& b,
+    double tol, int64_t max_iter, c10::string_view solver, double damping, int64_t anderson_m, double anderson_lam,
+    double eps, int64_t min_blocks);
+
+// Dot product of two rows, accumulated in double (float: AVX2/FMA lanes when the CPU has them).
+double row_dot(const float* a, const float* b, int64_t n);
+double row_dot(const double* a, const double* b, int64_t n);
+
+}  // namespace dynalay
