@@ -204,6 +204,57 @@ def test_cpp_results_do_not_depend_on_the_thread_count(tmp_path):
                 assert (x - y).abs().max() <= 1, solver
 
 
+_MKL_SCRIPT = r"""
+import sys, torch, dynalay
+torch.set_num_threads(2)
+out = []
+for dt in (torch.float32, torch.float64):
+    for (B, H, L) in ((1, 20, 2), (3, 64, 3), (50, 33, 2), (600, 128, 4)):
+        g = torch.Generator().manual_seed(B + H)
+        a = torch.randint(0, L + 1, (B,), generator=g)
+        h = torch.randn(B, H, generator=g, dtype=dt)
+        U = torch.randn(L, H, H, generator=g, dtype=dt) / H ** 0.5
+        W = torch.randn(L, H, H, generator=g, dtype=dt)
+        W = 0.9 * W / torch.linalg.matrix_norm(W, 2).view(L, 1, 1)
+        b = 0.1 * torch.randn(L, H, generator=g, dtype=dt)
+        for Wl in (W, W.transpose(1, 2).contiguous().transpose(1, 2)):  # both layouts of W
+            for solver in ("picard", "anderson"):
+                ps = [t.clone().requires_grad_() for t in (h, U, Wl, b)]
+                r = dynalay.dynamic_step(ps[0], a, *ps[1:], solver=solver, backend="cpp", tol=1e-5, max_iter=30)
+                (r.h * torch.linspace(-1, 1, H, dtype=dt)).sum().backward()
+                out += [r.h.detach(), r.iters] + [p.grad for p in ps]
+                f = dynalay.fixed_point(h @ U[0].t(), Wl[0], solver=solver, backend="cpp")
+                out += [f.z, f.iters]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(dynalay.backends.availability_error("cpp") is not None, reason="cpp backend not built")
+def test_cpp_direct_mkl_calls_equal_the_aten_calls(tmp_path):
+    """The solve iteration calls MKL's GEMM and VML tanh directly when the wheel exports them;
+    DYNALAY_CPU_ATEN_BLAS=1 forces at::addmm_out / tanh_: every output, gradient and iteration
+    count must be bitwise the same (forward, adjoint, Picard, Anderson, fp32, fp64, B = 1 to 600,
+    W row- or column-major)."""
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(_MKL_SCRIPT)
+    res = []
+    for aten in (False, True):
+        env = dict(os.environ)
+        env.pop("DYNALAY_CPU_ATEN_BLAS", None)
+        if aten:
+            env["DYNALAY_CPU_ATEN_BLAS"] = "1"
+        path = tmp_path / f"out_{aten}.pt"
+        p = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        res.append(torch.load(path))
+    assert len(res[0]) == len(res[1]) == 256
+    for i, (x, y) in enumerate(zip(*res)):
+        assert torch.equal(x, y), i
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("backward", ["implicit", "phantom"])
 def test_eager_path_equals_the_registered_op(backend, backward, gen):

@@ -207,3 +207,17 @@ def test_fused_loop_does_not_depend_on_the_thread_count(tmp_path):
     for k in res[0]:
         for a, b, c in zip(res[0][k], res[1][k], res[2][k]):
             assert torch.equal(a, b) and torch.equal(a, c), k
+
+
+def test_inference_weight_is_the_effective_weight():
+    """Same values, column-major on CPU (the solves' GEMMs then use MKL's NN kernel); runs with
+    either layout agree (the GEMM kernels round differently)."""
+    m = _model(2, hidden=40)
+    x = torch.randn(90, 12)
+    with torch.no_grad():
+        W, Wc = m.pool.effective_weight(), m.inference_weight()
+        assert torch.equal(W, Wc) and Wc.transpose(1, 2).is_contiguous() and not Wc.requires_grad
+        for kind, kw in CASES:
+            a = _run(m, x, kind, dict(kw, W=Wc), True)
+            b = _run(m, x, kind, dict(kw, W=W), False)
+            _assert_same(a, b, torch.float32)

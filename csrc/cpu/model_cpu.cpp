@@ -36,17 +36,22 @@ using Tensor = at::Tensor;
 // (n, P) or none, the history (n, HD) and the previous prediction, the introspection features
 //   f = [proj, max probability, normalised entropy, prediction changed, history]
 // then g = out_w tanh(inp_w f + inp_b + step_emb[t]) + out_b + step_bias[t] (+ nop_bias on
-// NOP) and the action argmax g (first maximum).  Policy.forward's arithmetic, per row, with
-// sums in double, exp and tanh in the input precision: a row's result never depends on the other rows, so every caller (the
-// Python loop in inference, run_model with any chunking) gets the same bits.
+// NOP) and the action argmax g (first maximum).  Policy.forward's arithmetic: sums in double
+// in a fixed order, exp and tanh in the input precision (tanh over the rows' hidden units in
+// one vectorised call).  Rows do not interact: the Python loop in inference (the agent_decide
+// op) and run_model's chunks compute the same decisions.
 template <typename S>
 void decide_rows(int64_t r0, int64_t r1, const S* logits, int64_t ls, int64_t C, const S* proj, int64_t ps,
                  int64_t P, const S* hist, int64_t HD, const int64_t* prev_pred, const S* inp_w, const S* inp_b,
                  const S* emb, int64_t A, const S* out_w, const S* out_b, const S* bias, int64_t NA,
                  double nop_bias, int64_t* act, S* conf_out, int64_t* pred_out) {
-  const int64_t F = P + 3 + HD;
+  const int64_t F = P + 3 + HD, n = r1 - r0;
+  if (n <= 0) return;
   const double inv_log_c = 1.0 / std::log(static_cast<double>(C));
-  std::vector<double> f(F), u(A);
+  std::vector<double> f(F), acc(A);
+  std::vector<S> wt(F * A), u(n * A);  // inp_w transposed: the hidden units' sums run side by side
+  for (int64_t k = 0; k < A; ++k)
+    for (int64_t i = 0; i < F; ++i) wt[i * A + k] = inp_w[k * F + i];
   for (int64_t r = r0; r < r1; ++r) {
     const S* l = logits + r * ls;
     int64_t pred = 0;
@@ -58,7 +63,7 @@ void decide_rows(int64_t r0, int64_t r1, const S* logits, int64_t ls, int64_t C,
     double s = 0.0, ez = 0.0;
     for (int64_t j = 0; j < C; ++j) {
       const double z = static_cast<double>(l[j]) - mx;
-      const double e = static_cast<double>(std::exp(static_cast<S>(z)));  // in S: float exp is 3x cheaper
+      const double e = static_cast<double>(std::exp(static_cast<S>(z)));
       s += e;
       ez += e * z;
     }
@@ -68,24 +73,30 @@ void decide_rows(int64_t r0, int64_t r1, const S* logits, int64_t ls, int64_t C,
     f[P + 1] = (std::log(s) - ez * conf) * inv_log_c;
     f[P + 2] = pred != prev_pred[r] ? 1.0 : 0.0;
     for (int64_t k = 0; k < HD; ++k) f[P + 3 + k] = static_cast<double>(hist[r * HD + k]);
-    for (int64_t k = 0; k < A; ++k) {
-      const S* w = inp_w + k * F;
-      double acc = static_cast<double>(inp_b[k]) + static_cast<double>(emb[k]);
-      for (int64_t i = 0; i < F; ++i) acc += static_cast<double>(w[i]) * f[i];
-      u[k] = static_cast<double>(std::tanh(static_cast<S>(acc)));
+    for (int64_t k = 0; k < A; ++k) acc[k] = static_cast<double>(inp_b[k]) + static_cast<double>(emb[k]);
+    for (int64_t i = 0; i < F; ++i) {
+      const double fi = f[i];
+      const S* w = wt.data() + i * A;
+      for (int64_t k = 0; k < A; ++k) acc[k] += static_cast<double>(w[k]) * fi;
     }
+    S* ur = u.data() + (r - r0) * A;
+    for (int64_t k = 0; k < A; ++k) ur[k] = static_cast<S>(acc[k]);
+    conf_out[r] = static_cast<S>(conf);
+    pred_out[r] = pred;
+  }
+  tanh_inplace(n * A, u.data());
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* ur = u.data() + (r - r0) * A;
     int64_t best = 0;
     double gbest = 0.0;
     for (int64_t m = 0; m < NA; ++m) {
       const S* w = out_w + m * A;
-      double acc = static_cast<double>(out_b[m]) + static_cast<double>(bias[m]);
-      for (int64_t k = 0; k < A; ++k) acc += static_cast<double>(w[k]) * u[k];
-      if (m == NA - 1) acc += nop_bias;
-      if (m == 0 || acc > gbest) { best = m; gbest = acc; }
+      double g = static_cast<double>(out_b[m]) + static_cast<double>(bias[m]);
+      for (int64_t k = 0; k < A; ++k) g += static_cast<double>(w[k]) * static_cast<double>(ur[k]);
+      if (m == NA - 1) g += nop_bias;
+      if (m == 0 || g > gbest) { best = m; gbest = g; }
     }
     act[r] = best;
-    conf_out[r] = static_cast<S>(conf);
-    pred_out[r] = pred;
   }
 }
 
@@ -146,21 +157,29 @@ struct RunArgs {
   int32_t* step_iters;
 };
 
-// LayerNorm of one state, then K rows of the head matrix (the head's C logits, then the
-// agent's P projections): out[k] = w_head[k] . LN(x) + b_head[k].  Mean and variance and the
-// dot products accumulate in double (row_dot).
+// The head (and the agent's projection) on n states: out (n, K) = LN(x) w_head[:K]^T + b_head[:K]
+// (K = C: the head's logits; K = C + P: and the agent's projections).  LayerNorm per row
+// (mean and variance in double) into zbuf (n, H), then one GEMM.
 template <typename S>
-void head_row(const RunArgs& A, const S* x, int64_t K, S* zbuf, S* out) {
+void head_rows(const RunArgs& A, const S* x, int64_t n, int64_t K, std::vector<S>& zbuf, S* out) {
   const int64_t H = A.H;
-  const double mean = row_dot(x, A.ones.data_ptr<S>(), H) / static_cast<double>(H);
-  const double var = std::max(0.0, row_dot(x, x, H) / static_cast<double>(H) - mean * mean);
-  const double rstd = 1.0 / std::sqrt(var + A.ln_eps);
+  if (n <= 0) return;
+  zbuf.resize(n * H);
   const S* g = A.ln_w.data_ptr<S>();
   const S* bb = A.ln_b.data_ptr<S>();
-  for (int64_t j = 0; j < H; ++j) zbuf[j] = static_cast<S>((static_cast<double>(x[j]) - mean) * rstd) * g[j] + bb[j];
-  const S* w = A.w_head.data_ptr<S>();
+  const S* ones = A.ones.data_ptr<S>();
+  for (int64_t i = 0; i < n; ++i) {
+    const S* xi = x + i * H;
+    const double mean = row_dot(xi, ones, H) / static_cast<double>(H);
+    const double var = std::max(0.0, row_dot(xi, xi, H) / static_cast<double>(H) - mean * mean);
+    const S m = static_cast<S>(mean), rs = static_cast<S>(1.0 / std::sqrt(var + A.ln_eps));
+    S* z = zbuf.data() + i * H;
+    for (int64_t j = 0; j < H; ++j) z[j] = (xi[j] - m) * rs * g[j] + bb[j];
+  }
+  rows_times_wt(n, K, H, zbuf.data(), A.w_head.data_ptr<S>(), out);
   const S* bh = A.b_head.data_ptr<S>();
-  for (int64_t k = 0; k < K; ++k) out[k] = static_cast<S>(row_dot(w + k * H, zbuf, H) + static_cast<double>(bh[k]));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < K; ++k) out[i * K + k] += bh[k];
 }
 
 // Max probability of the softmax of l[0..C) (the early-exit confidence), in double.
@@ -183,9 +202,9 @@ void run_rows(const RunArgs& A, const Tensor& h0, int64_t r0, int64_t r1, int64_
   const auto opt = h0.options();
   const auto i64 = opt.dtype(at::kLong);
   int64_t n = r1 - r0;
-  std::vector<int64_t> rows(n), a(n), pred(n), prev_pred(n, -1), ridx;
+  std::vector<int64_t> rows(n), a(n), pred(n), prev_pred(n, -1), ridx, sidx, sidx_row;
   for (int64_t i = 0; i < n; ++i) rows[i] = r0 + i;
-  std::vector<S> hist, conf(n), lg(n * K), zbuf(H), tmp(C);
+  std::vector<S> hist, conf(n), lg(n * K), zbuf, tmp, xs;
   std::vector<double> hn(n);
   bool hn_known = false;
   if (A.use_agent) {
@@ -200,8 +219,7 @@ void run_rows(const RunArgs& A, const Tensor& h0, int64_t r0, int64_t r1, int64_
     const bool last = t == T;
     const S* hp = hs.data_ptr<S>();
     // ---- the head (and the agent's projection) on the current states
-    if (head_every_state)
-      for (int64_t i = 0; i < n; ++i) head_row<S>(A, hp + i * H, K, zbuf.data(), lg.data() + i * K);
+    if (head_every_state) head_rows<S>(A, hp, n, K, zbuf, lg.data());
     // ---- decide
     if (last) {
       std::fill(a.begin(), a.begin() + n, L);
@@ -224,14 +242,17 @@ void run_rows(const RunArgs& A, const Tensor& h0, int64_t r0, int64_t r1, int64_
     // others move to the front of every per-row buffer, in order
     int64_t w_ = 0;
     ridx.clear();
+    sidx.clear();
+    sidx_row.clear();
     for (int64_t i = 0; i < n; ++i) {
       const int64_t row = rows[i];
       if (!last) A.actions[row * T + t] = a[i];
       if (a[i] == L) {
         if (head_every_state) {
           std::copy(lg.data() + i * K, lg.data() + i * K + C, fin + row * C);
-        } else {  // static / truncation: the head only runs where a row ends
-          head_row<S>(A, hp + i * H, C, zbuf.data(), fin + row * C);
+        } else {  // static / truncation: the head only runs where a row ends (below)
+          sidx.push_back(i);
+          sidx_row.push_back(row);
         }
         continue;
       }
@@ -247,6 +268,14 @@ void run_rows(const RunArgs& A, const Tensor& h0, int64_t r0, int64_t r1, int64_
         }
       }
       ++w_;
+    }
+    if (!sidx.empty()) {  // the head on the rows that stop, in one pass
+      const int64_t ns = static_cast<int64_t>(sidx.size());
+      xs.resize(ns * H);
+      for (int64_t j = 0; j < ns; ++j) std::copy(hp + sidx[j] * H, hp + (sidx[j] + 1) * H, xs.data() + j * H);
+      tmp.resize(ns * C);
+      head_rows<S>(A, xs.data(), ns, C, zbuf, tmp.data());
+      for (int64_t j = 0; j < ns; ++j) std::copy(tmp.data() + j * C, tmp.data() + (j + 1) * C, fin + sidx_row[j] * C);
     }
     const int64_t n_run = w_;
     if (last || n_run == 0) break;
@@ -296,11 +325,14 @@ void run_rows(const RunArgs& A, const Tensor& h0, int64_t r0, int64_t r1, int64_
 // Rows per chunk: the batch is cut into chunks that threads run through every step on their
 // own (no barrier between the small ops of a step; the ops of a chunk run serially on its
 // thread).  Like the solve's blocking it depends on B and H only, never on the thread count.
+// Up to 128 rows: the solves late in the loop get few rows per chunk, and each dynamic_step
+// call has a fixed cost (measured on 2 cores, B = 256, H = 256: 128 rows per chunk beat 64 and
+// 32 for both DynaLay and the static baseline); at least two chunks, and >= 1 MFLOP per GEMM.
 int64_t chunk_rows(int64_t B, int64_t H) {
   static const char* force = std::getenv("DYNALAY_CPU_CHUNK_ROWS");  // tuning/diagnosis only
   if (force != nullptr && std::atoll(force) > 0) return std::atoll(force);
-  const int64_t min_rows = std::max<int64_t>(16, (int64_t(1) << 20) / (2 * H * H));  // >= 1 MFLOP per GEMM
-  return std::max<int64_t>(std::min<int64_t>(B, min_rows), std::min<int64_t>(256, (B + 3) / 4));
+  const int64_t min_rows = std::max<int64_t>(16, (int64_t(1) << 20) / (2 * H * H));
+  return std::min<int64_t>(B, std::max<int64_t>(min_rows, std::min<int64_t>(128, (B + 1) / 2)));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu(

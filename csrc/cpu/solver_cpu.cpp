@@ -301,6 +301,68 @@ struct AndersonState {
   }
 };
 
+// The two calls of every solve iteration, P = C + Z M (rows: P, C, Z are (na, H) with row
+// stride H) and P = tanh(P), go straight to MKL when the torch wheel exports its ILP64 entry
+// points (x86 wheels built with MKL; weak symbols, null elsewhere): the same kernels that
+// at::addmm_out and at::tanh_ reach (same transposition, beta = 1 after the copy of C, the
+// VML mode of ATen's vml.h), without ~8 us of dispatch per iteration, which is most of an
+// iteration for a few rows.  DYNALAY_CPU_ATEN_BLAS=1 forces the ATen calls (tests compare).
+}  // namespace
+}  // namespace dynalay
+extern "C" {
+void sgemm_64(const char*, const char*, const int64_t*, const int64_t*, const int64_t*, const float*, const float*,
+              const int64_t*, const float*, const int64_t*, const float*, float*, const int64_t*) __attribute__((weak));
+void dgemm_64(const char*, const char*, const int64_t*, const int64_t*, const int64_t*, const double*, const double*,
+              const int64_t*, const double*, const int64_t*, const double*, double*, const int64_t*)
+    __attribute__((weak));
+void vmsTanh_64(int64_t, const float*, float*, int64_t) __attribute__((weak));
+void vmdTanh_64(int64_t, const double*, double*, int64_t) __attribute__((weak));
+}
+namespace dynalay {
+namespace {
+
+constexpr int64_t kVmlMode = 0x2 | 0x140000 | 0x100;  // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE
+const bool kDirectMkl = sgemm_64 != nullptr && dgemm_64 != nullptr && vmsTanh_64 != nullptr &&
+                        vmdTanh_64 != nullptr && std::getenv("DYNALAY_CPU_ATEN_BLAS") == nullptr;
+
+inline void mkl_gemm(const char* ta, const char* tb, const int64_t* m, const int64_t* n, const int64_t* k,
+                     const float* alpha, const float* a, const int64_t* lda, const float* b, const int64_t* ldb,
+                     const float* beta, float* c, const int64_t* ldc) {
+  sgemm_64(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void mkl_gemm(const char* ta, const char* tb, const int64_t* m, const int64_t* n, const int64_t* k,
+                     const double* alpha, const double* a, const int64_t* lda, const double* b, const int64_t* ldb,
+                     const double* beta, double* c, const int64_t* ldc) {
+  dgemm_64(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void mkl_tanh(int64_t n, float* x) { vmsTanh_64(n, x, x, kVmlMode); }
+inline void mkl_tanh(int64_t n, double* x) { vmdTanh_64(n, x, x, kVmlMode); }
+
+// P = C + Z M for `na` rows (M: (H, H), row-major or a transposed view).  False: not handled here.
+template <typename T>
+bool direct_addmm(int64_t na, int64_t H, T* P, const T* C, const T* Z, const at::Tensor& M) {
+  if (!kDirectMkl || na < 1) return false;
+  const int64_t s0 = M.stride(0), s1 = M.stride(1);
+  char ta;
+  int64_t lda;
+  if (s1 == 1 && s0 >= H) {  // row-major M: its buffer read column-major is M^T, as needed
+    ta = 'N';
+    lda = s0;
+  } else if (s0 == 1 && s1 >= H) {  // a transposed view: its buffer read column-major is M
+    ta = 'T';
+    lda = s1;
+  } else {
+    return false;
+  }
+  // row-major P = Z M  <=>  column-major P^T = M^T Z^T
+  std::memcpy(P, C, sizeof(T) * na * H);
+  const char tb = 'N';
+  const int64_t m = H, n = na, k = H, ld = H;
+  const T one = 1;
+  mkl_gemm(&ta, &tb, &m, &n, &k, &one, M.data_ptr<T>(), &lda, Z, &ld, &one, P, &ld);
+  return true;
+}
+
 // One block of rows of a group, solved to the end by the calling thread: C (n,H), D (n,H) or
 // undefined, Z (n,H) are private, contiguous and compacted in place; `ids` are the global row
 // numbers; `and_state` (Anderson only) is indexed from `and_off`.  Each iteration is one GEMM
@@ -322,13 +384,16 @@ void solve_block(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, 
   const bool swap_step = exact_step && !cfg.anderson;  // every active row's new iterate is f: swap Z, P
   int64_t na = n;
   for (int64_t k = 1; k <= cfg.max_iter && na > 0; ++k) {
-    at::Tensor Pn = P.narrow(0, 0, na);
     if (k == 1 && cfg.z0_zero) {
-      Pn.copy_(C.narrow(0, 0, na));  // C + 0 M: one GEMM of ~10 saved, same values
-    } else {
+      std::memcpy(P.data_ptr<T>(), C.data_ptr<T>(), sizeof(T) * na * H);  // C + 0 M: one GEMM of ~10 saved
+    } else if (!direct_addmm<T>(na, H, P.data_ptr<T>(), C.data_ptr<T>(), Z.data_ptr<T>(), M)) {
+      at::Tensor Pn = P.narrow(0, 0, na);
       at::addmm_out(Pn, C.narrow(0, 0, na), Z.narrow(0, 0, na), M);
     }
-    if (!cfg.adjoint) Pn.tanh_();
+    if (!cfg.adjoint) {
+      if (kDirectMkl) mkl_tanh(na * H, P.data_ptr<T>());
+      else P.narrow(0, 0, na).tanh_();
+    }
     T* Zp = Z.data_ptr<T>();
     T* Pp = P.data_ptr<T>();
     const T* Dp = has_d ? D.data_ptr<T>() : nullptr;
@@ -596,6 +661,38 @@ void pass_rows(T* dst, const T* src, const std::vector<int64_t>& perm, int64_t f
 
 double row_dot(const float* a, const float* b, int64_t n) { return dot<float>(a, b, n); }
 double row_dot(const double* a, const double* b, int64_t n) { return dot<double>(a, b, n); }
+
+namespace {
+template <typename T>
+void rows_times_wt_impl(int64_t n, int64_t K, int64_t H, const T* X, const T* W, T* out) {
+  if (n < 1 || K < 1) return;
+  if (kDirectMkl) {  // column-major: out^T (K, n) = W (K, H) X^T
+    const char ta = 'T', tb = 'N';
+    const T one = 1, zero = 0;
+    mkl_gemm(&ta, &tb, &K, &n, &H, &one, W, &H, X, &H, &zero, out, &K);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < K; ++k) out[i * K + k] = static_cast<T>(dot<T>(X + i * H, W + k * H, H));
+}
+template <typename T>
+void tanh_inplace_impl(int64_t n, T* x) {
+  if (kDirectMkl) {
+    mkl_tanh(n, x);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) x[i] = std::tanh(x[i]);
+}
+}  // namespace
+
+void rows_times_wt(int64_t n, int64_t K, int64_t H, const float* X, const float* W, float* out) {
+  rows_times_wt_impl(n, K, H, X, W, out);
+}
+void rows_times_wt(int64_t n, int64_t K, int64_t H, const double* X, const double* W, double* out) {
+  rows_times_wt_impl(n, K, H, X, W, out);
+}
+void tanh_inplace(int64_t n, float* x) { tanh_inplace_impl(n, x); }
+void tanh_inplace(int64_t n, double* x) { tanh_inplace_impl(n, x); }
 
 // One DynaLay step, fused: group once, inj = h U[l]^T + b[l] straight into the packed
 // constant term, solve every group, copy the NOP rows of h.  h_new is never zero-filled:

@@ -18,4 +18,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_blocked(
 double row_dot(const float* a, const float* b, int64_t n);
 double row_dot(const double* a, const double* b, int64_t n);
 
+// out (n, K) = X (n, H) W^T for row-major X and W (K, H): one MKL GEMM when the wheel exports
+// it (solver_cpu.cpp), else dot products.
+void rows_times_wt(int64_t n, int64_t K, int64_t H, const float* X, const float* W, float* out);
+void rows_times_wt(int64_t n, int64_t K, int64_t H, const double* X, const double* W, double* out);
+// x = tanh(x) elementwise (MKL VML, ATen's accuracy mode, when exported; else std::tanh).
+void tanh_inplace(int64_t n, float* x);
+void tanh_inplace(int64_t n, double* x);
+
 }  // namespace dynalay

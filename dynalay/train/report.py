@@ -102,7 +102,7 @@ def evaluate(model: DynaLay, mlp: MLPBaseline, data, cfg, default_knob: Optional
     if default_knob is None:
         default_knob = model.default_lam
     with torch.inference_mode():
-        W = model.pool.effective_weight()
+        W = model.inference_weight()
         configs: Dict[str, Callable] = {
             "dynalay": lambda xb: model.run(xb, lam=default_knob, W=W),
             "dynalay_nop_action": lambda xb: model.run(xb, lam=default_knob, W=W, compact=False),

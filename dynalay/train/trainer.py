@@ -479,7 +479,7 @@ class Trainer:
             m.default_lam = c.knob
         else:
             x, y = self.data.val.x, self.data.val.y
-            W = m.pool.effective_weight()
+            W = m.inference_weight()
             st = float((m.run_static(x, W=W).logits.argmax(1) == y).double().mean())
             lo, hi = math.log(m.cfg.lam_min), math.log(m.cfg.lam_max)
             grid = [math.exp(lo + (hi - lo) * i / 24) for i in range(25)]
