@@ -33,11 +33,12 @@ TORCH_LIBRARY(dynalay_C, m) {
   m.def(
       "agent_decide(Tensor logits, Tensor? proj, Tensor hist, Tensor prev_pred, Tensor[] agent, int t, "
       "float nop_bias) -> (Tensor, Tensor, Tensor)");
-  // DynaLay.run's inference loop in one call (csrc/cpu/model_cpu.cpp): logits, layers, iters,
-  // actions, step_iters, rows_per_step
+  // DynaLay.run's inference loop in one call (csrc/cpu/model_cpu.cpp), from the input x: logits,
+  // flops, layers, iters, actions, step_iters, rows_per_step
   m.def(
-      "run_model(Tensor h, Tensor U, Tensor W, Tensor b, float tol, int max_iter, str solver, float damping, "
-      "int anderson_m, float anderson_lam, float eps, Tensor ln_w, Tensor ln_b, float ln_eps, Tensor head_w, "
-      "Tensor head_b, Tensor[] agent, float nop_bias, float lam_feature, Tensor? forced, float? exit_threshold, "
-      "int max_steps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "run_model(Tensor x, Tensor enc_w, Tensor enc_b, Tensor U, Tensor W, Tensor b, float tol, int max_iter, "
+      "str solver, float damping, int anderson_m, float anderson_lam, float eps, Tensor ln_w, Tensor ln_b, "
+      "float ln_eps, Tensor head_w, Tensor head_b, Tensor[] agent, float nop_bias, float lam_feature, "
+      "Tensor? forced, float? exit_threshold, int max_steps, float[] costs) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

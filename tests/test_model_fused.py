@@ -134,13 +134,12 @@ def test_agent_decide_is_policy_forward(dtype, P):
 
 
 def _fused_args(m, x, forced=None, exit_threshold=None):
-    c, ln, hl = m.cfg, m.head[0], m.head[1]
+    c, ln, hl, enc = m.cfg, m.head[0], m.head[1], m.encoder
     d = lambda t: t.detach()  # noqa: E731
-    h = torch.tanh(m.encoder(x)).detach()
     agent = [] if forced is not None else [d(t) for t in m._agent_weights()]
-    return (h, d(m.pool.U), d(m.pool.effective_weight()), d(m.pool.b),
+    return (x, d(enc.weight), d(enc.bias), d(m.pool.U), d(m.pool.effective_weight()), d(m.pool.b),
             *SolverConfig(c.tol, c.max_iter).validate().op_args(), d(ln.weight), d(ln.bias), ln.eps, d(hl.weight),
-            d(hl.bias), agent, 0.0, c.lam_feature(0.3), forced, exit_threshold, c.max_steps)
+            d(hl.bias), agent, 0.0, c.lam_feature(0.3), forced, exit_threshold, c.max_steps, m.costs.constants)
 
 
 def test_opcheck_and_bad_input():
@@ -157,20 +156,28 @@ def test_opcheck_and_bad_input():
                               (torch.randn(9, 5), torch.randn(9, 3), torch.rand(9, HD), torch.full((9,), -1), w, 2,
                                0.5))
         bad = list(args)
-        bad[19] = m.static_actions(23)  # both agent weights and a forced table
+        bad[21] = m.static_actions(23)  # both agent weights and a forced table
         with pytest.raises(RuntimeError, match="either agent weights or a forced"):
             torch.ops.dynalay_C.run_model(*bad)
         bad = list(_fused_args(m, x, forced=m.static_actions(23)))
-        bad[19] = m.static_actions(23)[:, :2]
+        bad[21] = m.static_actions(23)[:, :2]
         with pytest.raises(RuntimeError, match="forced must be"):
             torch.ops.dynalay_C.run_model(*bad)
-        bad[19] = m.static_actions(23).clone()
-        bad[19][5, 1] = 9
+        bad[21] = m.static_actions(23).clone()
+        bad[21][5, 1] = 9
         with pytest.raises(RuntimeError, match="forced actions must lie"):
             torch.ops.dynalay_C.run_model(*bad)
         bad = list(args)
-        bad[16] = bad[16][:5]  # truncated agent weight list
+        bad[18] = bad[18][:5]  # truncated agent weight list
         with pytest.raises(RuntimeError, match="agent weights"):
+            torch.ops.dynalay_C.run_model(*bad)
+        bad = list(args)
+        bad[1] = bad[1][:, :5]  # encoder weight of the wrong width
+        with pytest.raises(RuntimeError, match="encoder weight"):
+            torch.ops.dynalay_C.run_model(*bad)
+        bad = list(args)
+        bad[24] = [1.0, 2.0]
+        with pytest.raises(RuntimeError, match="costs are"):
             torch.ops.dynalay_C.run_model(*bad)
         with pytest.raises(RuntimeError, match="step 4 out of range"):
             torch.ops.dynalay_C.agent_decide(torch.randn(9, 5), torch.randn(9, 3), torch.rand(9, HD),

@@ -27,6 +27,10 @@
 #include <omp.h>
 #endif
 
+#if defined(__x86_64__) || defined(_M_X64)
+#define DYNALAY_X86 1
+#endif
+
 namespace dynalay {
 namespace {
 
@@ -41,7 +45,8 @@ using Tensor = at::Tensor;
 // one vectorised call).  Rows do not interact: the Python loop in inference (the agent_decide
 // op) and run_model's chunks compute the same decisions.
 template <typename S>
-void decide_rows(int64_t r0, int64_t r1, const S* logits, int64_t ls, int64_t C, const S* proj, int64_t ps,
+__attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t r1, const S* logits, int64_t ls,
+                                                            int64_t C, const S* proj, int64_t ps,
                  int64_t P, const S* hist, int64_t HD, const int64_t* prev_pred, const S* inp_w, const S* inp_b,
                  const S* emb, int64_t A, const S* out_w, const S* out_b, const S* bias, int64_t NA,
                  double nop_bias, int64_t* act, S* conf_out, int64_t* pred_out) {
@@ -100,6 +105,34 @@ void decide_rows(int64_t r0, int64_t r1, const S* logits, int64_t ls, int64_t C,
   }
 }
 
+#define DYNALAY_DECIDE_ARGS                                                                                   \
+  int64_t r0, int64_t r1, const S *logits, int64_t ls, int64_t C, const S *proj, int64_t ps, int64_t P,         \
+      const S *hist, int64_t HD, const int64_t *prev_pred, const S *inp_w, const S *inp_b, const S *emb, int64_t A, \
+      const S *out_w, const S *out_b, const S *bias, int64_t NA, double nop_bias, int64_t *act, S *conf_out,        \
+      int64_t *pred_out
+#define DYNALAY_DECIDE_PASS \
+  r0, r1, logits, ls, C, proj, ps, P, hist, HD, prev_pred, inp_w, inp_b, emb, A, out_w, out_b, bias, NA, nop_bias, \
+      act, conf_out, pred_out
+
+#ifdef DYNALAY_X86
+// The same code compiled for AVX2/FMA, chosen at run time (the extension targets baseline x86-64):
+// the hidden units' sums run four doubles wide.  Results differ from the baseline build by FMA
+// rounding only; every caller on a machine takes the same build, so they agree.
+template <typename S>
+__attribute__((target("avx2,fma"))) void decide_rows_avx2(DYNALAY_DECIDE_ARGS) {
+  decide_rows_body<S>(DYNALAY_DECIDE_PASS);
+}
+const bool kDecideAVX2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+
+template <typename S>
+void decide_rows(DYNALAY_DECIDE_ARGS) {
+#ifdef DYNALAY_X86
+  if (kDecideAVX2) return decide_rows_avx2<S>(DYNALAY_DECIDE_PASS);
+#endif
+  decide_rows_body<S>(DYNALAY_DECIDE_PASS);
+}
+
 // The agent_decide op: (actions, conf, pred) for every row of `logits` (see decide_rows).
 std::tuple<Tensor, Tensor, Tensor> agent_decide_cpu(const Tensor& logits, const c10::optional<Tensor>& proj,
                                                     const Tensor& hist, const Tensor& prev_pred, at::TensorList agent,
@@ -145,10 +178,10 @@ std::tuple<Tensor, Tensor, Tensor> agent_decide_cpu(const Tensor& logits, const 
 
 // Everything a chunk of rows needs (read-only) and the outputs it writes (its rows only).
 struct RunArgs {
-  Tensor U, W, b, ln_w, ln_b, w_head, b_head, forced, ones;
+  Tensor enc_w, enc_b, U, W, b, ln_w, ln_b, w_head, b_head, forced, ones;
   std::vector<Tensor> agent;  // contiguous
   double tol, damping, anderson_lam, eps, ln_eps, nop_bias, lam_feature;
-  int64_t max_iter, anderson_m, T, L, H, C, P, HD;
+  int64_t max_iter, anderson_m, T, L, H, C, P, HD, D;
   c10::string_view solver;
   c10::optional<double> exit_threshold;
   bool use_agent;
@@ -192,14 +225,14 @@ double max_prob(const S* l, int64_t C) {
   return 1.0 / s;
 }
 
-// DynaLay.run on rows [r0, r1) of h0: every step of the loop (module docstring of
+// DynaLay.run on rows [r0, r1) of x: the encoder, then every step of the loop (module docstring of
 // dynalay/models/dynalay.py) on one thread; the rows that stop leave the chunk.  Per-row work is
 // plain loops over the chunk's own buffers; the solve is one dynamic_step per step.
 // rps[t] += rows solved at step t.
 template <typename S>
-void run_rows(const RunArgs& A, const Tensor& h0, int64_t r0, int64_t r1, int64_t* rps) {
-  const int64_t T = A.T, L = A.L, H = A.H, C = A.C, P = A.P, HD = A.HD, K = C + P;
-  const auto opt = h0.options();
+void run_rows(const RunArgs& A, const Tensor& x, int64_t r0, int64_t r1, int64_t* rps) {
+  const int64_t T = A.T, L = A.L, H = A.H, C = A.C, P = A.P, HD = A.HD, K = C + P, D = A.D;
+  const auto opt = x.options();
   const auto i64 = opt.dtype(at::kLong);
   int64_t n = r1 - r0;
   std::vector<int64_t> rows(n), a(n), pred(n), prev_pred(n, -1), ridx, sidx, sidx_row;
@@ -212,7 +245,16 @@ void run_rows(const RunArgs& A, const Tensor& h0, int64_t r0, int64_t r1, int64_
     for (int64_t i = 0; i < n; ++i) hist[i * HD + HD - 1] = static_cast<S>(A.lam_feature);
   }
   const bool head_every_state = A.use_agent || A.exit_threshold.has_value();
-  Tensor hs = h0.narrow(0, r0, n);
+  // the encoder: h0 = tanh(x enc_w^T + enc_b)
+  Tensor hs = at::empty({n, H}, opt);
+  {
+    S* hp0 = hs.data_ptr<S>();
+    rows_times_wt(n, H, D, x.data_ptr<S>() + r0 * D, A.enc_w.data_ptr<S>(), hp0);
+    const S* eb = A.enc_b.data_ptr<S>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < H; ++j) hp0[i * H + j] += eb[j];
+    tanh_inplace(n * H, hp0);
+  }
   S* fin = A.fin.data_ptr<S>();
   const int64_t* forced = A.use_agent ? nullptr : A.forced.data_ptr<int64_t>();
   for (int64_t t = 0; t <= T; ++t) {
@@ -335,20 +377,26 @@ int64_t chunk_rows(int64_t B, int64_t H) {
   return std::min<int64_t>(B, std::max<int64_t>(min_rows, std::min<int64_t>(128, (B + 1) / 2)));
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu(
-    const Tensor& h0_, const Tensor& U, const Tensor& W, const Tensor& b, double tol, int64_t max_iter,
-    c10::string_view solver, double damping, int64_t anderson_m, double anderson_lam, double eps,
-    const Tensor& ln_w, const Tensor& ln_b, double ln_eps, const Tensor& head_w, const Tensor& head_b,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu(
+    const Tensor& x_, const Tensor& enc_w, const Tensor& enc_b, const Tensor& U, const Tensor& W, const Tensor& b,
+    double tol, int64_t max_iter, c10::string_view solver, double damping, int64_t anderson_m, double anderson_lam,
+    double eps, const Tensor& ln_w, const Tensor& ln_b, double ln_eps, const Tensor& head_w, const Tensor& head_b,
     at::TensorList agent, double nop_bias, double lam_feature, const c10::optional<Tensor>& forced,
-    c10::optional<double> exit_threshold, int64_t T) {
-  TORCH_CHECK(h0_.dim() == 2 && h0_.size(0) > 0, "dynalay: run_model needs h of shape (B, H), B >= 1");
-  const auto dt = h0_.scalar_type();
+    c10::optional<double> exit_threshold, int64_t T, at::ArrayRef<double> costs) {
+  TORCH_CHECK(x_.dim() == 2 && x_.size(0) > 0, "dynalay: run_model needs x of shape (B, D), B >= 1");
+  const auto dt = x_.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "dynalay: run_model runs float32 or float64");
-  const Tensor h0 = h0_.contiguous();
-  const int64_t B = h0.size(0), H = h0.size(1), L = U.size(0), C = head_w.size(0);
+  const Tensor x = x_.contiguous();
+  const int64_t B = x.size(0), D = x.size(1), H = U.size(1), L = U.size(0), C = head_w.size(0);
+  TORCH_CHECK(enc_w.dim() == 2 && enc_w.size(0) == H && enc_w.size(1) == D && enc_b.numel() == H &&
+                  enc_w.scalar_type() == dt && enc_b.scalar_type() == dt,
+              "dynalay: the encoder weight must be (H, D) and its bias (H,), of x's dtype");
+  TORCH_CHECK(costs.size() == 5, "dynalay: costs are [encoder, layer_fixed, per_iter, head, agent] FLOPs");
   TORCH_CHECK(T >= 1, "dynalay: run_model needs max_steps >= 1");
   TORCH_CHECK(head_w.dim() == 2 && head_w.size(1) == H && head_w.scalar_type() == dt,
-              "dynalay: head weight must be (C, H) of h's dtype");
+              "dynalay: head weight must be (C, H) of x's dtype");
+  TORCH_CHECK(U.scalar_type() == dt && W.scalar_type() == dt && b.scalar_type() == dt,
+              "dynalay: U, W, b must have x's dtype");
   const bool use_agent = !agent.empty();
   const bool has_forced = forced.has_value() && forced->defined();
   TORCH_CHECK(use_agent != has_forced, "dynalay: run_model takes either agent weights or a forced action table");
@@ -359,6 +407,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu(
               "dynalay: forced must be a (B, max_steps) int64 table");
   TORCH_CHECK(use_agent || nop_bias == 0.0, "dynalay: nop_bias applies to the agent only");
   RunArgs A;
+  A.enc_w = enc_w.contiguous(); A.enc_b = enc_b.contiguous(); A.D = D;
   A.U = U; A.W = W; A.b = b;
   A.ln_w = ln_w.contiguous(); A.ln_b = ln_b.contiguous();
   TORCH_CHECK(A.ln_w.numel() == H && A.ln_b.numel() == H && ln_w.scalar_type() == dt && ln_b.scalar_type() == dt,
@@ -368,7 +417,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu(
   A.T = T; A.L = L; A.H = H; A.C = C; A.HD = 2 * L + 5;  // DynaLayConfig.history_dim
   A.P = agent.size() == 8 ? agent[6].size(0) : 0;
   A.solver = solver; A.exit_threshold = exit_threshold; A.use_agent = use_agent;
-  A.ones = at::ones({H}, h0.options());
+  A.ones = at::ones({H}, x.options());
   if (use_agent) {
     for (size_t i = 0; i < 6; ++i) {
       TORCH_CHECK(agent[i].scalar_type() == dt, "dynalay: agent weights must have h's dtype");
@@ -387,11 +436,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu(
   A.b_head = (A.P > 0 ? at::cat({head_b, agent[7]}) : head_b).contiguous();
   TORCH_CHECK(A.w_head.size(1) == H && A.b_head.numel() == C + A.P && A.b_head.scalar_type() == dt,
               "dynalay: head weight (C, H) and bias (C,) of h's dtype");
-  const auto i64 = h0.options().dtype(at::kLong);
-  A.fin = at::zeros({B, C}, h0.options());
+  const auto i64 = x.options().dtype(at::kLong);
+  A.fin = at::zeros({B, C}, x.options());
   Tensor layers = at::zeros({B}, i64), iters = at::zeros({B}, i64);
   Tensor actions = at::full({B, T}, -1, i64);
-  Tensor step_iters = at::zeros({B, T}, h0.options().dtype(at::kInt));
+  Tensor step_iters = at::zeros({B, T}, x.options().dtype(at::kInt));
   A.layers = layers.data_ptr<int64_t>();
   A.iters = iters.data_ptr<int64_t>();
   A.actions = actions.data_ptr<int64_t>();
@@ -402,7 +451,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu(
   std::vector<int64_t> rps(nc * T, 0);
   auto run_chunk = [&](int64_t c) {
     AT_DISPATCH_FLOATING_TYPES(dt, "dynalay_run_model", [&] {
-      run_rows<scalar_t>(A, h0, c * cr, std::min(B, (c + 1) * cr), rps.data() + c * T);
+      run_rows<scalar_t>(A, x, c * cr, std::min(B, (c + 1) * cr), rps.data() + c * T);
     });
   };
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -441,7 +490,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu(
   int64_t* rpp = rows_per_step.data_ptr<int64_t>();
   for (int64_t c = 0; c < nc; ++c)
     for (int64_t t = 0; t < T; ++t) rpp[t] += rps[c * T + t];
-  return {A.fin, layers, iters, actions, step_iters, rows_per_step};
+  // FLOPs per row (CostModel.per_sample, same operations in the same order)
+  Tensor flops = at::empty({B}, x.options().dtype(at::kDouble));
+  double* fp = flops.data_ptr<double>();
+  const bool head_every_state = use_agent || exit_threshold.has_value();
+  for (int64_t i = 0; i < B; ++i) {
+    const double nl = static_cast<double>(A.layers[i]);
+    const double hs = head_every_state ? nl + 1.0 : 1.0;
+    const double as = use_agent ? std::min(nl + 1.0, static_cast<double>(T)) : 0.0;
+    double f = costs[0] + costs[1] * nl;
+    f = f + costs[2] * static_cast<double>(A.iters[i]);
+    f = f + costs[3] * hs;
+    fp[i] = f + costs[4] * as;
+  }
+  return {A.fin, flops, layers, iters, actions, step_iters, rows_per_step};
 }
 
 }  // namespace

@@ -71,26 +71,30 @@ def _register_fakes() -> None:
         return logits.new_empty(n, dtype=torch.int64), logits.new_empty(n), logits.new_empty(n, dtype=torch.int64)
 
     @lib.register_fake("dynalay_C::run_model")
-    def _(h, U, W, b, tol, max_iter, solver, damping, m, lam, eps, ln_w, ln_b, ln_eps, head_w, head_b, agent,
-          nop_bias, lam_feature, forced, exit_threshold, max_steps):
-        B, C, T = h.shape[0], head_w.shape[0], max_steps
+    def _(x, enc_w, enc_b, U, W, b, tol, max_iter, solver, damping, m, lam, eps, ln_w, ln_b, ln_eps, head_w, head_b,
+          agent, nop_bias, lam_feature, forced, exit_threshold, max_steps, costs):
+        B, C, T = x.shape[0], head_w.shape[0], max_steps
         i64 = torch.int64
-        return (h.new_empty(B, C), h.new_empty(B, dtype=i64), h.new_empty(B, dtype=i64), h.new_empty(B, T, dtype=i64),
-                h.new_empty(B, T, dtype=torch.int32), h.new_empty(T, dtype=i64))
+        return (x.new_empty(B, C), x.new_empty(B, dtype=torch.float64), x.new_empty(B, dtype=i64),
+                x.new_empty(B, dtype=i64), x.new_empty(B, T, dtype=i64), x.new_empty(B, T, dtype=torch.int32),
+                x.new_empty(T, dtype=i64))
 
 
 if not _ext.cpp_error():
     _register_fakes()
 
 
-def run_model(h: Tensor, U: Tensor, W: Tensor, b: Tensor, solve_args: tuple, ln_w: Tensor, ln_b: Tensor,
-              ln_eps: float, head_w: Tensor, head_b: Tensor, agent: list, nop_bias: float, lam_feature: float,
-              forced: Optional[Tensor], exit_threshold: Optional[float], max_steps: int):
-    """DynaLay.run's inference loop in one call (csrc/cpu/model_cpu.cpp): greedy agent (``agent``
-    = [inp_w, inp_b, step_emb, out_w, out_b, step_bias(, proj_w, proj_b)]) or a ``forced`` action
-    table (``agent`` empty).  Returns (logits, layers, iters, actions, step_iters, rows_per_step)."""
-    return _ops().run_model(h, U, W, b, *solve_args, ln_w, ln_b, ln_eps, head_w, head_b, agent, nop_bias,
-                            lam_feature, forced, exit_threshold, max_steps)
+def run_model(x: Tensor, enc_w: Tensor, enc_b: Tensor, U: Tensor, W: Tensor, b: Tensor, solve_args: tuple,
+              ln_w: Tensor, ln_b: Tensor, ln_eps: float, head_w: Tensor, head_b: Tensor, agent: list, nop_bias: float,
+              lam_feature: float, forced: Optional[Tensor], exit_threshold: Optional[float], max_steps: int,
+              costs: list):
+    """DynaLay.run's inference loop in one call (csrc/cpu/model_cpu.cpp), from the input ``x``:
+    greedy agent (``agent`` = [inp_w, inp_b, step_emb, out_w, out_b, step_bias(, proj_w, proj_b)])
+    or a ``forced`` action table (``agent`` empty); ``costs`` = CostModel's [encoder, layer_fixed,
+    per_iter, head, agent].  Returns (logits, flops, layers, iters, actions, step_iters,
+    rows_per_step)."""
+    return _ops().run_model(x, enc_w, enc_b, U, W, b, *solve_args, ln_w, ln_b, ln_eps, head_w, head_b, agent,
+                            nop_bias, lam_feature, forced, exit_threshold, max_steps, costs)
 
 
 def grouped_linear(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, transpose: bool) -> Tensor:

@@ -36,6 +36,7 @@ order cut after ``k`` steps) and ``exit_threshold`` adds a confidence exit (``ea
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -154,6 +155,12 @@ class CostModel:
     def layer(self, iters: Tensor) -> Tensor:
         return self.layer_fixed + iters.to(torch.float64) * self.per_iter
 
+    @property
+    def constants(self) -> List[float]:
+        """[encoder, layer_fixed, per_iter, head, agent]: what the C++ inference loop sums per row
+        in the order of :meth:`per_sample`."""
+        return [self.encoder, self.layer_fixed, self.per_iter, self.head, self.agent]
+
     def per_sample(self, layers: Tensor, iters: Tensor, head_states: Tensor, agent_states: Tensor) -> Tensor:
         """FLOPs of samples that applied ``layers`` solves spending ``iters`` f-evaluations in
         all, with the head run on ``head_states`` and the agent on ``agent_states`` states."""
@@ -175,6 +182,12 @@ class CostModel:
         t["nop"] = 0.0
         t.update(encoder=self.encoder, head=self.head, agent=self.agent)
         return t
+
+
+@functools.lru_cache(maxsize=16)
+def _solve_args(tol: float, max_iter: int) -> tuple:
+    """The solver arguments of the C++ ops for the model's solves (validated once)."""
+    return SolverConfig(tol, max_iter).validate().op_args()
 
 
 class DynaLayOutput(NamedTuple):
@@ -665,27 +678,20 @@ class DynaLay(nn.Module):
 
     def _run_fused(self, x, policy, lam, nop_bias, forced, exit_threshold, W, details) -> DynaLayOutput:
         cfg, cost = self.cfg, self.costs
-        h = torch.tanh(self.encoder(x))
         if W is None:
             W = self.pool.effective_weight()
-        ln, head_lin = self.head[0], self.head[1]
+        ln, head_lin, enc = self.head[0], self.head[1], self.encoder
         agent, lam_feature = [], 0.0
         if policy != "forced":
             agent = self._agent_weights()
             lam_feature = cfg.lam_feature(lam)
-        solve_args = SolverConfig(cfg.tol, cfg.max_iter).validate().op_args()
         from ..backends import cpp as cpp_backend
-        logits, layers, iters, actions, step_iters, rps = cpp_backend.run_model(
-            h, self.pool.U, W, self.pool.b, solve_args, ln.weight, ln.bias, ln.eps, head_lin.weight, head_lin.bias,
-            agent, float(nop_bias), lam_feature, forced if policy == "forced" else None,
-            None if exit_threshold is None else float(exit_threshold), cfg.max_steps)
-        if policy != "forced":
-            head_states, agent_states = layers + 1, torch.clamp(layers + 1, max=cfg.max_steps)
-        else:
-            head_states = layers + 1 if exit_threshold is not None else torch.ones_like(layers)
-            agent_states = torch.zeros_like(layers)
-        flops = cost.per_sample(layers, iters, head_states, agent_states)
-        rows_per_step = [int(v) for v in rps.tolist() if v > 0]
+        logits, flops, layers, iters, actions, step_iters, rps = cpp_backend.run_model(
+            x, enc.weight, enc.bias, self.pool.U, W, self.pool.b, _solve_args(cfg.tol, cfg.max_iter), ln.weight,
+            ln.bias, ln.eps, head_lin.weight, head_lin.bias, agent, float(nop_bias), lam_feature,
+            forced if policy == "forced" else None, None if exit_threshold is None else float(exit_threshold),
+            cfg.max_steps, cost.constants)
+        rows_per_step = [v for v in rps.tolist() if v > 0]
         return DynaLayOutput(logits, flops, layers, iters, rows_per_step, actions if details else None,
                              step_iters if details else None)
 

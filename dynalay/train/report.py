@@ -23,6 +23,7 @@ Curves are compared at matched compute by linear interpolation of the baseline's
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -71,6 +72,18 @@ def time_configs(configs: Dict[str, Callable], x: torch.Tensor, bs: int, repeats
     names = list(configs)
     times: Dict[str, List[float]] = {n: [] for n in names}
     rng = random.Random(seed)
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()  # as timeit does: a collection landing in one config's round is noise
+    try:
+        _time_rounds(configs, xs, names, times, rng, repeats)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {n: float(statistics.median(v)) for n, v in times.items()}
+
+
+def _time_rounds(configs, xs, names, times, rng, repeats) -> None:
     with torch.inference_mode():
         for n in names:  # warm-up
             for xb in xs:
@@ -82,7 +95,6 @@ def time_configs(configs: Dict[str, Callable], x: torch.Tensor, bs: int, repeats
                 for xb in xs:
                     configs[n](xb)
                 times[n].append(time.perf_counter() - t0)
-    return {n: float(statistics.median(v)) for n, v in times.items()}
 
 
 def _entry(d: Dict[str, np.ndarray], wall: float, bs: int) -> dict:
