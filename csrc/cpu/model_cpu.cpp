@@ -454,38 +454,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu
       run_rows<scalar_t>(A, x, c * cr, std::min(B, (c + 1) * cr), rps.data() + c * T);
     });
   };
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  if (nc == 1 || threads == 1 || at::in_parallel_region()) {
-    for (int64_t c = 0; c < nc; ++c) run_chunk(c);
-  } else {
-#ifdef _OPENMP
-    // Each chunk's ops run on its own thread (MKL and ATen would otherwise fork per op).
-    const int prev_levels = omp_get_max_active_levels();
-    omp_set_max_active_levels(1);
-    std::exception_ptr error;
-    std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, nc)))
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t c = next++; c < nc; c = next++) {
-        try {
-          run_chunk(c);
-        } catch (...) {
-#pragma omp critical(dynalay_run_model_error)
-          if (!error) error = std::current_exception();
-          next = nc;
-        }
-      }
-    }
-    omp_set_max_active_levels(prev_levels);
-    if (error) std::rethrow_exception(error);
-#else
-    at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t c = c0; c < c1; ++c) run_chunk(c);
-    });
-#endif
-  }
+  run_work_list(nc, std::max<int64_t>(1, at::get_num_threads()), run_chunk);
   Tensor rows_per_step = at::zeros({T}, i64);
   int64_t* rpp = rows_per_step.data_ptr<int64_t>();
   for (int64_t c = 0; c < nc; ++c)

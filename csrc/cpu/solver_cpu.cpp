@@ -8,7 +8,8 @@
 // pass that applies the map's elementwise part, computes each row's relative residual, takes
 // the Picard or Anderson step and freezes the rows that met the tolerance; frozen rows are
 // written out and compacted away, so an iteration costs work proportional to the rows still
-// active.  From z0 = 0 the first f-evaluation needs no GEMM.  Deterministic and independent
+// active.  From z0 = 0 the first f-evaluation needs no GEMM.  The GEMM and the tanh call MKL
+// directly when the torch wheel exports it (same kernels as at::addmm / tanh_, no dispatch).  Deterministic and independent
 // of the thread count: fixed loop orders, no atomics, a blocking that depends on the group
 // sizes only.
 #include <ATen/ATen.h>
@@ -24,6 +25,7 @@
 #include <cstring>
 #include <type_traits>
 #include <exception>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -486,8 +488,9 @@ void solve_block(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, 
 // constant term and GEMM output stay in cache across iterations and no thread waits for
 // another between iterations.  All the blocks of all the groups form one work list, taken
 // largest first by whichever thread is free (the groups of a DynaLay step differ in size
-// and in convergence speed).  Results do not depend on the blocking or on the schedule:
-// each row's arithmetic is the same.
+// and in convergence speed).  Results do not depend on the schedule.  The blocking can change
+// a row's last bits (MKL rounds a GEMM of fewer than ~10 rows with another kernel), which is
+// why it depends on the group sizes only.
 struct Block {
   int64_t layer, r0, len;
 };
@@ -559,42 +562,9 @@ void solve_packed(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M,
                    cfg.anderson ? &and_state : nullptr, bk.r0, cfg, out_z, out_iters, out_res, out_conv);
   };
   const int64_t nb = static_cast<int64_t>(blocks.size());
-  if (nb == 1 || threads == 1) {
-    for (const Block& bk : blocks) run_block(bk);
-    return;
-  }
   // largest first (stable: ties keep the packed order)
   std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.len > b.len; });
-#ifdef _OPENMP
-  // Each block's GEMM must run on its own thread: MKL would otherwise open a nested OpenMP team
-  // per block (measured: 2 threads 23.5 ms -> 13.8 ms for B=4096, H=128, L=4).  Restored below.
-  const int prev_levels = omp_get_max_active_levels();
-  omp_set_max_active_levels(1);
-  std::exception_ptr error;
-  std::atomic<int64_t> next{0};  // work-list cursor (scheduling only: results do not depend on it)
-#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, nb)))
-  {
-    // OpenMP workers do not inherit the caller's dispatch state: run the ATen calls of the
-    // block below autograd, as the op itself is (its inputs may require grad)
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t i = next++; i < nb; i = next++) {
-      try {
-        run_block(blocks[i]);
-      } catch (...) {  // an exception must not leave an OpenMP region: keep the first, rethrow below
-#pragma omp critical(dynalay_solve_error)
-        if (!error) error = std::current_exception();
-        next = nb;
-      }
-    }
-  }
-  omp_set_max_active_levels(prev_levels);
-  if (error) std::rethrow_exception(error);
-#else
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t i = b0; i < b1; ++i) run_block(blocks[i]);
-  });
-#endif
+  run_work_list(nb, threads, [&](int64_t i) { run_block(blocks[i]); });
 }
 
 // Stable counting sort of the rows by action: offsets (L+2), perm (B).
@@ -682,6 +652,44 @@ void pass_rows(T* dst, const T* src, const std::vector<int64_t>& perm, int64_t f
 }
 
 }  // namespace
+
+void run_work_list(int64_t n, int64_t threads, const std::function<void(int64_t)>& fn) {
+  if (n <= 0) return;
+  if (n == 1 || threads <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+#ifdef _OPENMP
+  // Each item's GEMMs must run on its own thread: MKL would otherwise open a nested OpenMP team
+  // per item (measured: 2 threads 23.5 ms -> 13.8 ms for B=4096, H=128, L=4).  Restored below.
+  const int prev_levels = omp_get_max_active_levels();
+  omp_set_max_active_levels(1);
+  std::exception_ptr error;
+  std::atomic<int64_t> next{0};  // work-list cursor (scheduling only: results do not depend on it)
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, n)))
+  {
+    // OpenMP workers do not inherit the caller's dispatch state: run the items' ATen calls
+    // below autograd, as the op itself is (its inputs may require grad)
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t i = next++; i < n; i = next++) {
+      try {
+        fn(i);
+      } catch (...) {  // an exception must not leave an OpenMP region: keep the first, rethrow below
+#pragma omp critical(dynalay_work_list_error)
+        if (!error) error = std::current_exception();
+        next = n;
+      }
+    }
+  }
+  omp_set_max_active_levels(prev_levels);
+  if (error) std::rethrow_exception(error);
+#else
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t i = i0; i < i1; ++i) fn(i);
+  });
+#endif
+}
 
 double row_dot(const float* a, const float* b, int64_t n) { return dot<float>(a, b, n); }
 double row_dot(const double* a, const double* b, int64_t n) { return dot<double>(a, b, n); }

@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <functional>
 #include <tuple>
 
 namespace dynalay {
@@ -13,6 +15,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_blocked(
     const at::Tensor& h, const at::Tensor& actions, const at::Tensor& U, const at::Tensor& W, const at::Tensor& b,
     double tol, int64_t max_iter, c10::string_view solver, double damping, int64_t anderson_m, double anderson_lam,
     double eps, int64_t min_blocks);
+
+// fn(i) for every i in [0, n): threads (up to `threads`) take items from one work list, each item
+// runs whole on one thread with nested parallelism off (MKL and ATen stay serial inside it), the
+// first exception is rethrown.  Serial when n == 1, threads == 1 or already in a parallel region.
+void run_work_list(int64_t n, int64_t threads, const std::function<void(int64_t)>& fn);
 
 // Dot product of two rows, accumulated in double (float: AVX2/FMA lanes when the CPU has them).
 double row_dot(const float* a, const float* b, int64_t n);
