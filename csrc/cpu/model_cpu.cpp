@@ -90,17 +90,22 @@ __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t 
     pred_out[r] = pred;
   }
   tanh_inplace(n * A, u.data());
+  std::vector<S> wo(A * NA);  // out_w transposed: the actions' sums run side by side
+  for (int64_t m = 0; m < NA; ++m)
+    for (int64_t k = 0; k < A; ++k) wo[k * NA + m] = out_w[m * A + k];
+  std::vector<double> g(NA);
   for (int64_t r = r0; r < r1; ++r) {
     const S* ur = u.data() + (r - r0) * A;
-    int64_t best = 0;
-    double gbest = 0.0;
-    for (int64_t m = 0; m < NA; ++m) {
-      const S* w = out_w + m * A;
-      double g = static_cast<double>(out_b[m]) + static_cast<double>(bias[m]);
-      for (int64_t k = 0; k < A; ++k) g += static_cast<double>(w[k]) * static_cast<double>(ur[k]);
-      if (m == NA - 1) g += nop_bias;
-      if (m == 0 || g > gbest) { best = m; gbest = g; }
+    for (int64_t m = 0; m < NA; ++m) g[m] = static_cast<double>(out_b[m]) + static_cast<double>(bias[m]);
+    for (int64_t k = 0; k < A; ++k) {
+      const double uk = static_cast<double>(ur[k]);
+      const S* w = wo.data() + k * NA;
+      for (int64_t m = 0; m < NA; ++m) g[m] += static_cast<double>(w[m]) * uk;
     }
+    g[NA - 1] += nop_bias;
+    int64_t best = 0;
+    for (int64_t m = 1; m < NA; ++m)
+      if (g[m] > g[best]) best = m;
     act[r] = best;
   }
 }
@@ -122,7 +127,7 @@ template <typename S>
 __attribute__((target("avx2,fma"))) void decide_rows_avx2(DYNALAY_DECIDE_ARGS) {
   decide_rows_body<S>(DYNALAY_DECIDE_PASS);
 }
-const bool kDecideAVX2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+const bool kDecideAVX2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // and head_rows
 #endif
 
 template <typename S>
@@ -194,7 +199,8 @@ struct RunArgs {
 // (K = C: the head's logits; K = C + P: and the agent's projections).  LayerNorm per row
 // (mean and variance in double) into zbuf (n, H), then one GEMM.
 template <typename S>
-void head_rows(const RunArgs& A, const S* x, int64_t n, int64_t K, std::vector<S>& zbuf, S* out) {
+__attribute__((always_inline)) inline void head_rows_body(const RunArgs& A, const S* x, int64_t n, int64_t K,
+                                                          std::vector<S>& zbuf, S* out) {
   const int64_t H = A.H;
   if (n <= 0) return;
   zbuf.resize(n * H);
@@ -213,6 +219,22 @@ void head_rows(const RunArgs& A, const S* x, int64_t n, int64_t K, std::vector<S
   const S* bh = A.b_head.data_ptr<S>();
   for (int64_t i = 0; i < n; ++i)
     for (int64_t k = 0; k < K; ++k) out[i * K + k] += bh[k];
+}
+
+#ifdef DYNALAY_X86
+template <typename S>
+__attribute__((target("avx2,fma"))) void head_rows_avx2(const RunArgs& A, const S* x, int64_t n, int64_t K,
+                                                        std::vector<S>& zbuf, S* out) {
+  head_rows_body<S>(A, x, n, K, zbuf, out);
+}
+#endif
+
+template <typename S>
+void head_rows(const RunArgs& A, const S* x, int64_t n, int64_t K, std::vector<S>& zbuf, S* out) {
+#ifdef DYNALAY_X86
+  if (kDecideAVX2) return head_rows_avx2<S>(A, x, n, K, zbuf, out);
+#endif
+  head_rows_body<S>(A, x, n, K, zbuf, out);
 }
 
 // Max probability of the softmax of l[0..C) (the early-exit confidence), in double.
