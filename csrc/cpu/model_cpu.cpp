@@ -1,14 +1,18 @@
-// The DynaLay model's inference loop in one call (dynalay_C::run_model): at every step the
-// head and the agent on the active rows, the decision, the compaction of the rows that stop,
-// one dynamic_step for the rows that go on, and the bookkeeping.  It replaces ~40 Python-level
-// ATen calls per step (~1.4 ms per batch of 256 on the 2-core CI machine, a third of DynaLay's
-// time) with the same ATen calls made from C++ plus plain loops for the integer bookkeeping.
+// The DynaLay model's inference loop in one call (dynalay_C::run_model), and the agent's
+// decision kernel (dynalay_C::agent_decide) that the Python loop's inference shares.
 //
-// It mirrors DynaLay.run (dynalay/models/dynalay.py) for the greedy policy and for a forced
-// action table (static, truncation, early exit), with compaction, no hard budget, no gradient.
-// Every floating-point value comes from the same ATen op on the same operands in the same
-// order as the Python loop, or from a loop doing the same single IEEE operation (copies,
-// one multiply, int -> float), so the two paths agree bit for bit (tests/test_model_fused.py).
+// run_model mirrors DynaLay.run (dynalay/models/dynalay.py) for the greedy policy and for a
+// forced action table (static, truncation, early exit), with compaction, no hard budget and no
+// gradient.  The batch is cut into chunks (chunk_rows: sizes only, never the thread count);
+// each chunk runs on one thread through the encoder and every step:
+//   - the LayerNorm and the head (plus the agent's projection) as one GEMM;
+//   - the agent's decision (decide_rows);
+//   - compaction of the rows that stop;
+//   - one dynamic_step for the rows that go on (one block per group);
+//   - the history update.
+// At the end come the FLOPs per row.  This replaced ~40 Python-level ATen calls per step
+// (~1.4 ms per batch of 256 on the 2-core CI machine).  The Python loop takes the same actions
+// and spends the same iterations; its logits agree to rounding (tests/test_model_fused.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
