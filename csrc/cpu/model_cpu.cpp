@@ -20,20 +20,10 @@
 #include "solver_cpu.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <exception>
 #include <tuple>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#if defined(__x86_64__) || defined(_M_X64)
-#define DYNALAY_X86 1
-#endif
 
 namespace dynalay {
 namespace {
@@ -131,7 +121,7 @@ template <typename S>
 __attribute__((target("avx2,fma"))) void decide_rows_avx2(DYNALAY_DECIDE_ARGS) {
   decide_rows_body<S>(DYNALAY_DECIDE_PASS);
 }
-const bool kDecideAVX2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // and head_rows
+const bool kDecideAVX2 = cpu_has_avx2_fma();  // and head_rows
 #endif
 
 template <typename S>

@@ -34,9 +34,8 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) || defined(_M_X64)
+#ifdef DYNALAY_X86
 #include <immintrin.h>
-#define DYNALAY_X86 1
 #endif
 
 namespace dynalay {
@@ -152,7 +151,7 @@ __attribute__((target("avx2,fma"))) void row_norms_avx2(const float* __restrict 
   }
 }
 
-const bool kHasAVX2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+const bool kHasAVX2 = cpu_has_avx2_fma();
 
 template <>
 inline void row_norms<float>(const float* __restrict f, const float* __restrict z, int64_t H, double& num,
@@ -688,6 +687,14 @@ void run_work_list(int64_t n, int64_t threads, const std::function<void(int64_t)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t i = i0; i < i1; ++i) fn(i);
   });
+#endif
+}
+
+bool cpu_has_avx2_fma() {
+#ifdef DYNALAY_X86
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
 #endif
 }
 

@@ -6,7 +6,15 @@
 #include <functional>
 #include <tuple>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#define DYNALAY_X86 1
+#endif
+
 namespace dynalay {
+
+// Whether the CPU has AVX2 and FMA: the AVX2 builds of the row loops are chosen at run time
+// (the extension itself targets baseline x86-64).
+bool cpu_has_avx2_fma();
 
 // dynalay_C::dynamic_step with an explicit blocking: groups are split into at least
 // `min_blocks` blocks when they are big enough (the op uses 4, for its threads; a caller that
