@@ -38,6 +38,27 @@ using Tensor = at::Tensor;
 // in a fixed order, exp and tanh in the input precision (tanh over the rows' hidden units in
 // one vectorised call).  Rows do not interact: the Python loop in inference (the agent_decide
 // op) and run_model's chunks compute the same decisions.
+// Softmax statistics of one row of logits l[0..C): pred = the first argmax (NaN wins), s = the
+// sum of exp(l - max) (so the max probability is 1 / s) and ez = the sum of exp(l - max) (l - max)
+// (for the entropy); exp in the input precision, sums in double.
+template <typename S>
+inline void softmax_stats(const S* l, int64_t C, int64_t& pred, double& s, double& ez) {
+  pred = 0;
+  double mx = static_cast<double>(l[0]);
+  for (int64_t j = 1; j < C; ++j) {
+    const double v = static_cast<double>(l[j]);
+    if (v > mx || (std::isnan(v) && !std::isnan(mx))) { mx = v; pred = j; }
+  }
+  s = 0.0;
+  ez = 0.0;
+  for (int64_t j = 0; j < C; ++j) {
+    const double z = static_cast<double>(l[j]) - mx;
+    const double e = static_cast<double>(std::exp(static_cast<S>(z)));
+    s += e;
+    ez += e * z;
+  }
+}
+
 template <typename S>
 __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t r1, const S* logits, int64_t ls,
                                                             int64_t C, const S* proj, int64_t ps,
@@ -52,20 +73,9 @@ __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t 
   for (int64_t k = 0; k < A; ++k)
     for (int64_t i = 0; i < F; ++i) wt[i * A + k] = inp_w[k * F + i];
   for (int64_t r = r0; r < r1; ++r) {
-    const S* l = logits + r * ls;
-    int64_t pred = 0;
-    double mx = static_cast<double>(l[0]);
-    for (int64_t j = 1; j < C; ++j) {
-      const double v = static_cast<double>(l[j]);
-      if (v > mx || (std::isnan(v) && !std::isnan(mx))) { mx = v; pred = j; }
-    }
-    double s = 0.0, ez = 0.0;
-    for (int64_t j = 0; j < C; ++j) {
-      const double z = static_cast<double>(l[j]) - mx;
-      const double e = static_cast<double>(std::exp(static_cast<S>(z)));
-      s += e;
-      ez += e * z;
-    }
+    int64_t pred;
+    double s, ez;
+    softmax_stats(logits + r * ls, C, pred, s, ez);
     const double conf = 1.0 / s;
     for (int64_t p = 0; p < P; ++p) f[p] = static_cast<double>(proj[r * ps + p]);
     f[P] = conf;
@@ -231,13 +241,12 @@ void head_rows(const RunArgs& A, const S* x, int64_t n, int64_t K, std::vector<S
   head_rows_body<S>(A, x, n, K, zbuf, out);
 }
 
-// Max probability of the softmax of l[0..C) (the early-exit confidence), in double.
+// Max probability of the softmax of l[0..C) (the early-exit confidence; the agent's feature).
 template <typename S>
 double max_prob(const S* l, int64_t C) {
-  double mx = static_cast<double>(l[0]);
-  for (int64_t j = 1; j < C; ++j) mx = std::max(mx, static_cast<double>(l[j]));
-  double s = 0.0;
-  for (int64_t j = 0; j < C; ++j) s += std::exp(static_cast<double>(l[j]) - mx);
+  int64_t pred;
+  double s, ez;
+  softmax_stats(l, C, pred, s, ez);
   return 1.0 / s;
 }
 

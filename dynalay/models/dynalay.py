@@ -368,9 +368,10 @@ class DynaLay(nn.Module):
         W: the pool's effective weight (training computes it once per optimisation step).
         details: also return the per-step action and iteration tables.
         record: also return the training fields (implies ``details``).
-        fused: run the whole loop in one C++ call (``dynalay_C::run_model``, bit-for-bit the same
-            results; see :meth:`fused_reason`): ``None`` (default) when it can, ``True`` requires it
-            (``RuntimeError`` with the reason otherwise), ``False`` runs the Python loop.
+        fused: run the whole loop in one C++ call (``dynalay_C::run_model``: the same actions,
+            iterations and FLOPs, logits equal to rounding; see :meth:`fused_reason`): ``None``
+            (default) when it can, ``True`` requires it (``RuntimeError`` with the reason
+            otherwise), ``False`` runs the Python loop.
         """
         cfg, cost = self.cfg, self.costs
         L, T, C = cfg.num_layers, cfg.max_steps, cfg.num_classes
@@ -664,9 +665,7 @@ class DynaLay(nn.Module):
             return "tracing (torch.compile or a dispatch mode)"
         if backends.select(x.device, x.dtype, ("picard",), self.cfg.backend) != "cpp":
             return "the selected backend is not cpp"
-        if _ext.cpp_error():
-            return _ext.cpp_error()
-        return None
+        return _ext.cpp_error() or None
 
     def _agent_weights(self) -> List[Tensor]:
         """The policy's weights in the order of the C++ kernels (agent_decide takes the first 6)."""
