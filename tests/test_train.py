@@ -122,8 +122,10 @@ def test_nan_loss_stops_training_without_a_checkpoint(tmp_path):
     assert not (run / "checkpoint.pt").exists()
 
 
-def test_resume_continues_exactly(digits, tmp_path, monkeypatch):
-    cfg = dict(TINY, warmup_epochs=4, agent_epochs=4, joint_epochs=2, mlp_epochs=2, ckpt_every=1)
+@pytest.mark.parametrize("stop_at,position", [(8, (2, 1)), (14, (4, 1))])  # in the agent / refit phase
+def test_resume_continues_exactly(digits, tmp_path, monkeypatch, stop_at, position):
+    cfg = dict(TINY, warmup_epochs=4, agent_epochs=4, joint_epochs=2, refit_epochs=3, mlp_epochs=2, ckpt_every=1,
+               agent_select_fraction=0.25, agent_select_every=1)
     full = Trainer(TrainConfig(**cfg), digits, str(tmp_path / "a"), progress=False)
     full.fit()
     calls = {"n": 0}
@@ -131,7 +133,7 @@ def test_resume_continues_exactly(digits, tmp_path, monkeypatch):
 
     def interrupted(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 8:  # in the middle of the agent phase
+        if calls["n"] == stop_at:
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
@@ -141,8 +143,9 @@ def test_resume_continues_exactly(digits, tmp_path, monkeypatch):
         part.fit()
     monkeypatch.setattr(Trainer, "_run_epoch", real)
     again = Trainer(TrainConfig(**cfg), digits, str(tmp_path / "b"), progress=False)
-    assert again.resume() and (again.phase, again.epoch) == (2, 1)
+    assert again.resume() and (again.phase, again.epoch) == position
     again.fit()
+    assert [h["phase"] for h in again.history] == [h["phase"] for h in full.history]
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, again.model.state_dict()[k]), k
     for k, v in full.mlp.state_dict().items():
@@ -222,3 +225,50 @@ def test_latency_cost_table_option(digits):
     tr.fit()
     lat = tr.model.latency_ms
     assert (lat[:-1] > 0).all() and lat[-1] == 0  # measured per layer at start-up; NOP costs nothing
+
+
+@pytest.mark.parametrize("method", ["tree", "reinforce"])
+def test_agent_phase_leaves_the_backbone_untouched(digits, monkeypatch, method):
+    """The agent trains on a frozen backbone: weights and the spectral bound's power-iteration
+    vectors are bitwise unchanged (the agent computes W with the pool in eval mode).  The tree
+    method keeps the policy of the best held-out epoch."""
+    cfg = TrainConfig(**dict(TINY, hidden=32, warmup_epochs=2, agent_epochs=4, joint_epochs=0, refit_epochs=0,
+                             mlp_epochs=0, agent_method=method, agent_select_fraction=0.25, agent_select_every=1))
+    tr = Trainer(cfg, digits, None, progress=False, log=lambda *a: None)
+    if method == "tree":
+        assert len(tr.agent_idx) + len(tr.select_idx) == len(digits.val)
+        assert not set(tr.agent_idx.tolist()) & set(tr.select_idx.tolist()) and len(tr.select_idx) > 0
+    else:
+        assert tr.agent_idx.tolist() == list(range(len(digits.val))) and len(tr.select_idx) == 0
+    before = {}
+    real = Trainer._run_epoch
+    skip = ("policy.", "value.", "mean_iters", "latency_ms", "default_knob")
+
+    def spy(self, name, *a, **k):
+        if name == "agent" and not before:
+            before.update({n: v.clone() for n, v in self.model.state_dict().items() if not n.startswith(skip)})
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", spy)
+    tr.fit()
+    after = tr.model.state_dict()
+    assert any(n.startswith("pool.spectral") for n in before)
+    for n, v in before.items():
+        assert torch.equal(v, after[n]), n
+    if method == "tree":
+        scores = [h["select"] for h in tr.history if h["phase"] == "agent"]
+        assert len(scores) == 4
+        best = max(range(4), key=lambda i: (scores[i], -i))
+        assert tr.agent_best["epoch"] == best and tr.agent_best["score"] == scores[best]
+        for n, v in tr.model.policy.state_dict().items():
+            assert torch.equal(v, tr.agent_best["policy"][n]), n
+        assert tr.select_score() == scores[best]
+
+
+def test_agent_config_is_validated():
+    with pytest.raises(ValueError, match="agent_method"):
+        TrainConfig(agent_method="ppo").validate()
+    with pytest.raises(ValueError, match="agent_select_fraction"):
+        TrainConfig(agent_select_fraction=1.0).validate()
+    with pytest.raises(ValueError, match="refit_epochs"):
+        TrainConfig(refit_epochs=-1).validate()

@@ -24,6 +24,7 @@ def add_commands(sub) -> None:
     t.add_argument("--warmup-epochs", type=int, default=None)
     t.add_argument("--agent-epochs", type=int, default=None)
     t.add_argument("--joint-epochs", type=int, default=None)
+    t.add_argument("--refit-epochs", type=int, default=None)
     t.add_argument("--mlp-epochs", type=int, default=None)
     t.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every phase's epochs (quick runs)")
     t.add_argument("--hidden", type=int, default=None)
@@ -68,6 +69,7 @@ def _build_config(args):
     cfg.warmup_epochs = ep(args.warmup_epochs, cfg.warmup_epochs)
     cfg.agent_epochs = ep(args.agent_epochs, cfg.agent_epochs)
     cfg.joint_epochs = ep(args.joint_epochs, cfg.joint_epochs)
+    cfg.refit_epochs = ep(args.refit_epochs, cfg.refit_epochs)
     cfg.mlp_epochs = ep(args.mlp_epochs, cfg.mlp_epochs)
     for flag, name in (("hidden", "hidden"), ("layers", "num_layers"), ("steps", "max_steps"),
                        ("max_iter", "max_iter"), ("tol", "tol"), ("lr", "lr"), ("baseline", "baseline"),

@@ -22,11 +22,13 @@ Credit assignment: every decision gets its return-to-go
 ``G_t = w_acc * A - lam * sum_{k>=t} c_k / C_ref - (penalties at steps >= t)``, so a decision is
 charged only for the compute it and later decisions caused.  NOP costs nothing.
 
-Defaults (``RewardConfig()``): ``accuracy="prob"`` (``p(y | h_final)``: smooth, bounded, and its
-mean is the expected accuracy; ``"logp"`` over-penalises confident mistakes and ``"correct"`` is
-too sparse for 800 held-out samples), ``w_acc=1``, ``logp_clip=3``, ``lam=0.4`` (used only when the
-trainer does not sample lambda), ``mu_repeat=0.01``, ``mu_stale=0.05``, ``stale_delta=0.02``,
-``cost="flops"``.
+Defaults (``RewardConfig()``): ``accuracy="correct"`` (the metric the evaluation reports; the
+default tree method computes the *expected* correctness of the stochastic policy exactly, so the
+0/1 term is not sparse there; with ``agent_method="reinforce"`` prefer ``"prob"``,
+``p(y | h_final)``: smooth and bounded, whereas ``"correct"`` gives few learning signals from
+sampled trajectories on 800 held-out samples, and ``"logp"`` over-penalises confident mistakes),
+``w_acc=1``, ``logp_clip=3``, ``lam=0.4`` (used only when the trainer does not sample lambda),
+``mu_repeat=0.01``, ``mu_stale=0.05``, ``stale_delta=0.02``, ``cost="flops"``.
 
 The trainer conditions the agent on lambda: every input gets a lambda drawn log-uniformly from
 ``[lam_min, lam_max]`` (shared by its rollouts), which enters both this reward and the agent's
@@ -46,7 +48,7 @@ COST_TERMS = ("flops", "latency")
 
 @dataclass
 class RewardConfig:
-    accuracy: str = "prob"
+    accuracy: str = "correct"
     w_acc: float = 1.0
     logp_clip: float = 3.0
     lam: float = 0.4

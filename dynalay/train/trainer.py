@@ -8,16 +8,28 @@ Schedule (one seed; every phase is a number of epochs in :class:`TrainConfig`):
    one with probability ``mix_prob`` (so every layer learns to read every state), with deep
    supervision: cross-entropy of the head on *every* visited state (``ds_weight``) plus the final
    state.  Gradients reach the FPI layers through ``dynamic_step``'s implicit (IFT) backward.
-3. ``agent``: the backbone is frozen; the agent learns by REINFORCE on the held-out ``val`` split
-   (``rollouts`` sampled trajectories per input), with the per-decision return-to-go of
-   :mod:`dynalay.train.reward`, a learned baseline ``V(features_t)`` (or ``baseline=
-   "self_critical"``: the greedy rollout's reward), advantage normalisation and an entropy bonus
-   ``entropy_beta``.
+3. ``agent``: the backbone is frozen; the agent learns on the held-out ``val`` split.  Default
+   (``agent_method="tree"``): the exact policy gradient over the enumerated decision tree
+   (:mod:`dynalay.train.tree`): every state a sample can reach in ``T`` steps is solved once per
+   phase, and the expected reward of the stochastic policy (each sample at a lambda drawn
+   log-uniformly from ``[lam_min, lam_max]``) is computed by backward induction and maximised
+   with Adam, plus an entropy bonus ``entropy_beta`` that decays linearly to 0 at 80% of the
+   phase (evaluation is greedy).  Optionally (``agent_select_fraction > 0``) a seeded share of
+   ``val`` is held out and the epoch whose greedy policy has the best exact reward there (mean
+   over 9 log-spaced lambdas) is kept.  ``agent_method="reinforce"``: REINFORCE with ``rollouts``
+   sampled trajectories per input, the per-decision return-to-go of
+   :mod:`dynalay.train.reward`, a baseline (leave-one-out ``rloo`` by default, a learned
+   ``V(features_t)`` or ``self_critical``), advantage normalisation and the entropy bonus.
+   The backbone's weight is taken with the pool in eval mode, so that not even the spectral
+   bound's power iteration moves while the agent trains.
 4. ``joint``: alternation, one backbone step then one agent step: the backbone takes the
    cross-entropy at the final state of the trajectories the agent *sampled* on a ``fit`` batch
    (through the implicit gradients of every solve on the path) plus the deep-supervised static
    trajectory (which keeps intermediate states classifiable and the static baseline sharp); the
-   agent takes a REINFORCE step on a ``val`` batch.
+   agent takes a step on a ``val`` batch (tree method: on the tree rebuilt at every epoch start).
+5. ``refit``: the backbone is final; the agent is re-initialised and trained again as in phase 3
+   on the final backbone (the phase-3 agent served to choose the joint phase's trajectories).
+   With the tree method this costs seconds.
 
 The ``static``, ``truncation`` and ``early_exit`` baselines use the final backbone (the same
 layers, trained the same way); only the agent is DynaLay's own.  Evaluation is greedy.
@@ -44,12 +56,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models import DynaLay, DynaLayConfig, MLPBaseline, mlp_hidden_for_params
+from ..models.dynalay import Policy
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataBundle
 from .reward import RewardConfig, compute_rewards
+from .tree import build_tree, expected_return
 
-PHASES = ("mlp", "warmup", "agent", "joint")
+PHASES = ("mlp", "warmup", "agent", "joint", "refit")
 BASELINES = ("learned", "self_critical", "rloo", "rloo_step")
+AGENT_METHODS = ("tree", "reinforce")
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,6 +96,7 @@ class TrainConfig:
     warmup_epochs: int = 60
     agent_epochs: int = 300
     joint_epochs: int = 6
+    refit_epochs: int = 300
     lr: float = 2e-3
     weight_decay: float = 1e-4
     mix_prob: float = 0.0
@@ -88,6 +104,9 @@ class TrainConfig:
     h0_weight: float = 0.1
     agent_lr: float = 1e-2
     agent_batch: int = 64
+    agent_method: str = "tree"  # "tree": exact policy gradient over the enumerated decision tree; "reinforce"
+    agent_select_fraction: float = 0.0  # tree: share of val held out to pick the agent phase's best epoch
+    agent_select_every: int = 5  # tree: epochs between two evaluations of the held-out objective
     rollouts: int = 8
     entropy_beta: float = 0.05
     value_coef: float = 0.5
@@ -100,7 +119,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     # evaluation
     eval_batch: int = 256
-    knob: Optional[float] = 0.3  # default lambda at inference ("dynalay"); None: calibrate on val
+    knob: Optional[float] = 0.05  # default lambda at inference ("dynalay"); None: calibrate on val
     knob_tolerance: float = 0.0  # calibration: cheapest lambda within this of static's val accuracy
     knobs: List[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0])
     exit_thresholds: List[float] = field(default_factory=lambda: [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
@@ -135,9 +154,15 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES} (got {self.baseline!r})")
+        if self.agent_method not in AGENT_METHODS:
+            raise ValueError(f"agent_method must be one of {AGENT_METHODS} (got {self.agent_method!r})")
+        if not (0.0 <= self.agent_select_fraction < 1.0):
+            raise ValueError("agent_select_fraction must be in [0, 1)")
+        if self.agent_select_every < 1:
+            raise ValueError("agent_select_every must be >= 1")
         if self.adv_norm not in ("std", "center", "none"):
             raise ValueError(f"adv_norm must be 'std', 'center' or 'none' (got {self.adv_norm!r})")
-        for k in ("mlp_epochs", "warmup_epochs", "agent_epochs", "joint_epochs"):
+        for k in ("mlp_epochs", "warmup_epochs", "agent_epochs", "joint_epochs", "refit_epochs"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0")
         if self.batch_size < 1 or self.agent_batch < 1 or self.rollouts < 1:
@@ -228,6 +253,14 @@ class Trainer:
         self.phase, self.epoch = 0, 0  # next (phase index, epoch) to run
         self.history: List[dict] = []
         self.cost_ref = self.model.static_flops_per_sample()
+        # the agent's data: the val split, less (tree method) a seeded held-out share that picks
+        # the agent phase's best epoch
+        nv = len(data.val)
+        n_sel = int(round(cfg.agent_select_fraction * nv)) if cfg.agent_method == "tree" else 0
+        vp = torch.randperm(nv, generator=_gen(cfg.seed, 99))
+        self.agent_idx, self.select_idx = vp[n_sel:].sort().values, vp[:n_sel].sort().values
+        self.agent_best: Optional[dict] = None  # {"score", "epoch", "policy"}: best held-out epoch so far
+        self._tree = self._sel_tree = None  # decision-tree caches (rebuilt when the backbone changes)
         self._broadcast()
 
     # -------------------------------------------------------------- bookkeeping
@@ -237,7 +270,7 @@ class Trainer:
 
     def state(self) -> dict:
         return dict(model=self.model.state_dict(), mlp=self.mlp.state_dict(), opt_mlp=self.opt_mlp.state_dict(),
-                    opt_bb=self.opt_bb.state_dict(), opt_ag=self.opt_ag.state_dict())
+                    opt_bb=self.opt_bb.state_dict(), opt_ag=self.opt_ag.state_dict(), agent_best=self.agent_best)
 
     def checkpoint_path(self) -> Optional[str]:
         return None if self.run_dir is None else os.path.join(self.run_dir, "checkpoint.pt")
@@ -265,6 +298,7 @@ class Trainer:
             self.opt_mlp.load_state_dict(st["opt_mlp"])
             self.opt_bb.load_state_dict(st["opt_bb"])
             self.opt_ag.load_state_dict(st["opt_ag"])
+            self.agent_best = st.get("agent_best")
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path!r} does not fit this model: {e}") from e
         self.phase, self.epoch = ck["position"]
@@ -329,8 +363,9 @@ class Trainer:
         c, d = self.cfg, self.data
         fit_steps = self._steps(len(d.fit), c.batch_size)
         return [("mlp", c.mlp_epochs, fit_steps), ("warmup", c.warmup_epochs, fit_steps),
-                ("agent", c.agent_epochs, self._steps(len(d.val), c.agent_batch)),
-                ("joint", c.joint_epochs, fit_steps)]
+                ("agent", c.agent_epochs, self._steps(len(self.agent_idx), c.agent_batch)),
+                ("joint", c.joint_epochs, fit_steps),
+                ("refit", c.refit_epochs, self._steps(len(self.agent_idx), c.agent_batch))]
 
     # -------------------------------------------------------------- steps
     def _mlp_step(self, xb, yb, gstep, total):
@@ -407,13 +442,8 @@ class Trainer:
         backend, rescaled to the FLOP table's mean so that lambda keeps its meaning."""
         if self.cfg.reward.cost == "flops":
             return out.step_flops
-        m = self.model
-        L = m.cfg.num_layers
-        if not bool((m.latency_ms[:L] > 0).all()):
-            m.measure_latency(batch=self.cfg.eval_batch)
-        lat = m.latency_ms[:L].to(torch.float64)
-        flops = torch.tensor([m.cost_table()[f"layer{i}"] for i in range(L)], dtype=torch.float64)
-        per_layer = lat * (flops.mean() / lat.mean())
+        L = self.model.cfg.num_layers
+        per_layer = self._latency_per_layer()
         a = out.actions
         is_layer = (a >= 0) & (a < L)
         return torch.where(is_layer, per_layer[a.clamp(0, L - 1)], torch.zeros((), dtype=torch.float64))
@@ -426,8 +456,7 @@ class Trainer:
         lam = None if lam is None else lam.repeat(c.rollouts)
         lam_run = c.reward.lam if lam is None else lam
         with _frozen(m.backbone_parameters()):
-            with torch.no_grad():
-                W = m.pool.effective_weight()
+            W = self._frozen_weight()
             out = m.run(xr, policy="sample", lam=lam_run, generator=gen, W=W, record=True)
             R = compute_rewards(out.actions, self._step_cost(out), out.state_change, out.logits, yr,
                                 m.cfg.num_layers, self.cost_ref, c.reward, out.decided, lam=lam)
@@ -469,6 +498,111 @@ class Trainer:
         return float(loss.detach()), float(R.total.mean()), float(out.steps.double().mean())
 
     @torch.no_grad()
+    def _frozen_weight(self) -> Tensor:
+        """The pool's effective weight without a step of the spectral bound's power iteration (which
+        runs in train mode): the agent's updates leave the backbone exactly as it was."""
+        pool = self.model.pool
+        was = pool.training
+        pool.eval()
+        try:
+            return pool.effective_weight()
+        finally:
+            pool.train(was)
+
+    def _build_trees(self) -> None:
+        """The decision trees (:mod:`dynalay.train.tree`) of the agent's samples and of the held-out
+        selection samples, on the backbone as it is now."""
+        m, c, v = self.model, self.cfg, self.data.val
+        was = m.training
+        m.eval()
+        W = self._frozen_weight()
+        lat = None
+        if c.reward.cost == "latency":
+            lat = self._latency_per_layer()
+        self._tree = build_tree(m, v.x[self.agent_idx], v.y[self.agent_idx], c.reward, self.cost_ref, W=W,
+                                layer_cost=lat)
+        self._sel_tree = None if self.select_idx.numel() == 0 else build_tree(
+            m, v.x[self.select_idx], v.y[self.select_idx], c.reward, self.cost_ref, W=W, layer_cost=lat)
+        m.train(was)
+
+    def _tree_step(self, pos: Tensor, gen: torch.Generator, beta: float):
+        """One step of the exact policy gradient on the agent's samples at positions ``pos`` of the
+        tree: maximise the expected reward (each sample at its own sampled lambda) plus ``beta`` x
+        the reach-weighted entropy."""
+        c, m = self.cfg, self.model
+        sub = self._tree.select(pos)
+        lam = self._sample_lam(pos.numel(), gen)
+        lam = torch.full((pos.numel(),), float(c.reward.lam), dtype=torch.float64) if lam is None else lam
+        tv = expected_return(m, sub, lam)
+        loss = -(tv.value.mean() + beta * tv.entropy.mean())
+        params = list(m.policy.parameters())
+        self.opt_ag.zero_grad(set_to_none=False)
+        loss.backward()
+        ok = self._reduce(params, loss)
+        self._check(ok, "agent", loss)
+        torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        self.opt_ag.step()
+        return float(loss.detach()), float(tv.value.detach().mean()), float(tv.steps.mean())
+
+    def _phase_epochs(self, name: str) -> int:
+        return getattr(self.cfg, f"{name}_epochs")
+
+    def _tree_beta(self, name: str, e: int) -> float:
+        """The entropy bonus of the tree method: ``entropy_beta`` decaying linearly to 0 at 80% of
+        the agent and refit phases (the evaluation is greedy), 0 in the joint phase."""
+        if name not in ("agent", "refit"):
+            return 0.0
+        return self.cfg.entropy_beta * max(0.0, 1.0 - e / max(1.0, 0.8 * self._phase_epochs(name)))
+
+    @torch.no_grad()
+    def select_score(self) -> float:
+        """Held-out objective of the agent: the *greedy* policy's exact expected reward on the
+        selection samples' tree, averaged over 9 prices log-spaced over [lam_min, lam_max]."""
+        mc, t = self.model.cfg, self._sel_tree
+        n = t.num_samples
+        lo, hi = math.log(mc.lam_min), math.log(mc.lam_max)
+        tot = 0.0
+        for i in range(9):
+            lam = torch.full((n,), math.exp(lo + (hi - lo) * i / 8), dtype=torch.float64)
+            tot += float(expected_return(self.model, t, lam, greedy=True).value.mean())
+        return tot / 9
+
+    def _maybe_select(self, name: str, e: int) -> Optional[float]:
+        c = self.cfg
+        if self._sel_tree is None or not ((e + 1) % c.agent_select_every == 0 or e + 1 == self._phase_epochs(name)):
+            return None
+        score = self.select_score()
+        if self.agent_best is None or score > self.agent_best["score"]:
+            self.agent_best = dict(score=score, epoch=e,
+                                   policy={k: v.detach().clone() for k, v in self.model.policy.state_dict().items()})
+        return score
+
+    def _reset_agent(self) -> None:
+        """The refit phase starts the agent afresh (seeded) on the final backbone."""
+        # Policy's own initialisation, from the global RNG that fit() seeds at every epoch
+        self.model.policy.load_state_dict(Policy(self.model.cfg).state_dict())
+        self.opt_ag = torch.optim.Adam(list(self.model.agent_parameters()), lr=self.cfg.agent_lr)
+        self.agent_best = None
+
+    def _end_agent_phase(self) -> None:
+        """Tree method: keep the policy of the best held-out epoch."""
+        if self.cfg.agent_method == "tree" and self.agent_best is not None:
+            self.model.policy.load_state_dict(self.agent_best["policy"])
+            self.log(f"agent: kept epoch {self.agent_best['epoch']} (held-out objective "
+                     f"{self.agent_best['score']:.4f})")
+
+    def _latency_per_layer(self) -> Tensor:
+        """``reward.cost="latency"``: the per-layer latency table measured at start-up on the running
+        backend, rescaled to the FLOP table's mean so that lambda keeps its meaning."""
+        m = self.model
+        L = m.cfg.num_layers
+        if not bool((m.latency_ms[:L] > 0).all()):
+            m.measure_latency(batch=self.cfg.eval_batch)
+        lat = m.latency_ms[:L].to(torch.float64)
+        flops = torch.tensor([m.cost_table()[f"layer{i}"] for i in range(L)], dtype=torch.float64)
+        return lat * (flops.mean() / lat.mean())
+
+    @torch.no_grad()
     def calibrate(self) -> float:
         """Set the default knob (``cfg.knob``, or when None: the largest lambda of a log grid over
         [lam_min, lam_max] whose greedy accuracy on the held-out val split is within
@@ -497,7 +631,7 @@ class Trainer:
     def fit(self, resume: bool = False):
         c, d = self.cfg, self.data
         if resume and self.resume():
-            self.log(f"resumed seed {c.seed} at phase '{PHASES[self.phase] if self.phase < 4 else 'done'}' "
+            self.log(f"resumed seed {c.seed} at phase '{PHASES[self.phase] if self.phase < len(PHASES) else 'done'}' "
                      f"epoch {self.epoch}")
         plan = self.plan()
         total_steps = sum(e * s for _, e, s in plan)
@@ -525,6 +659,8 @@ class Trainer:
                     self._broadcast()
                     if c.ckpt_every and self.epoch % c.ckpt_every == 0 and self.epoch < epochs:
                         self.save()
+                if name in ("agent", "refit"):
+                    self._end_agent_phase()
                 self.phase, self.epoch = self.phase + 1, 0
                 if self.phase >= len(plan):
                     self.calibrate()
@@ -542,9 +678,15 @@ class Trainer:
         c, d = self.cfg, self.data
         losses: List[float] = []
         extra: Dict[str, List[float]] = {"reward": [], "layers": []}
+        tree = c.agent_method == "tree"
+        if name == "refit" and e == 0:
+            self._reset_agent()
+        if tree and name == "joint" or tree and name in ("agent", "refit") and (e == 0 or self._tree is None):
+            self._build_trees()  # the joint phase moves the backbone: rebuilt every epoch
+        n_ag = len(self.agent_idx)
         if name in ("mlp", "warmup", "joint"):
             perm = torch.randperm(len(d.fit), generator=g_order)
-            vperm = torch.randperm(len(d.val), generator=g_order)
+            vperm = torch.randperm(n_ag, generator=g_order)
             vpos = 0
             for s in range(spe):
                 idx = self._shard(perm[s * c.batch_size:(s + 1) * c.batch_size])
@@ -560,28 +702,39 @@ class Trainer:
                     if name == "joint":
                         vb = vperm[vpos:vpos + c.agent_batch]
                         if vb.numel() < c.agent_batch:
-                            vperm = torch.randperm(len(d.val), generator=g_order)
+                            vperm = torch.randperm(n_ag, generator=g_order)
                             vpos, vb = 0, vperm[:c.agent_batch]
                         vpos += c.agent_batch
                         vb = self._shard(vb)
-                        _, r, nl = self._agent_step(d.val.x[vb], d.val.y[vb], g_pol)
+                        if tree:
+                            _, r, nl = self._tree_step(vb, g_pol, self._tree_beta(name, e))
+                        else:
+                            vi = self.agent_idx[vb]
+                            _, r, nl = self._agent_step(d.val.x[vi], d.val.y[vi], g_pol)
                         extra["reward"].append(r)
                         extra["layers"].append(nl)
                 if bar is not None:
                     bar.update(1)
-        else:  # agent
-            vperm = torch.randperm(len(d.val), generator=g_order)
+        else:  # agent, refit
+            vperm = torch.randperm(n_ag, generator=g_order)
             for s in range(spe):
                 vb = self._shard(vperm[s * c.agent_batch:(s + 1) * c.agent_batch])
                 if vb.numel() == 0:
                     continue
-                lo, r, nl = self._agent_step(d.val.x[vb], d.val.y[vb], g_pol)
+                if tree:
+                    lo, r, nl = self._tree_step(vb, g_pol, self._tree_beta(name, e))
+                else:
+                    vi = self.agent_idx[vb]
+                    lo, r, nl = self._agent_step(d.val.x[vi], d.val.y[vi], g_pol)
                 losses.append(lo)
                 extra["reward"].append(r)
                 extra["layers"].append(nl)
                 if bar is not None:
                     bar.update(1)
+        sel = self._maybe_select(name, e) if tree and name in ("agent", "refit") else None
         out = {"loss": sum(losses) / max(1, len(losses))}
+        if sel is not None:
+            out["select"] = sel
         for k, v in extra.items():
             if v:
                 out[k] = sum(v) / len(v)
