@@ -488,13 +488,7 @@ class Trainer:
             vl = (out.values[dec] - R.returns[dec].float()).pow(2).mean()
             ent = out.entropy[dec].mean()
             loss = pg + c.value_coef * vl - c.entropy_beta * ent
-        params = list(m.agent_parameters())
-        self.opt_ag.zero_grad(set_to_none=False)
-        loss.backward()
-        ok = self._reduce(params, loss)
-        self._check(ok, "agent", loss)
-        torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-        self.opt_ag.step()
+        self._agent_update(list(m.agent_parameters()), loss)
         return float(loss.detach()), float(R.total.mean()), float(out.steps.double().mean())
 
     @torch.no_grad()
@@ -535,14 +529,17 @@ class Trainer:
         lam = torch.full((pos.numel(),), float(c.reward.lam), dtype=torch.float64) if lam is None else lam
         tv = expected_return(m, sub, lam)
         loss = -(tv.value.mean() + beta * tv.entropy.mean())
-        params = list(m.policy.parameters())
+        self._agent_update(list(m.policy.parameters()), loss)
+        return float(loss.detach()), float(tv.value.detach().mean()), float(tv.steps.mean())
+
+    def _agent_update(self, params: List[Tensor], loss: Tensor) -> None:
+        """One optimiser step of the agent on ``loss`` (gradients averaged over ranks, clipped)."""
         self.opt_ag.zero_grad(set_to_none=False)
         loss.backward()
         ok = self._reduce(params, loss)
         self._check(ok, "agent", loss)
-        torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.opt_ag.step()
-        return float(loss.detach()), float(tv.value.detach().mean()), float(tv.steps.mean())
 
     def _phase_epochs(self, name: str) -> int:
         return getattr(self.cfg, f"{name}_epochs")
@@ -629,7 +626,7 @@ class Trainer:
 
     # -------------------------------------------------------------- loop
     def fit(self, resume: bool = False):
-        c, d = self.cfg, self.data
+        c = self.cfg
         if resume and self.resume():
             self.log(f"resumed seed {c.seed} at phase '{PHASES[self.phase] if self.phase < len(PHASES) else 'done'}' "
                      f"epoch {self.epoch}")
