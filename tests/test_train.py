@@ -272,3 +272,26 @@ def test_agent_config_is_validated():
         TrainConfig(agent_select_fraction=1.0).validate()
     with pytest.raises(ValueError, match="refit_epochs"):
         TrainConfig(refit_epochs=-1).validate()
+
+
+def test_tree_method_refuses_a_tree_too_large(digits):
+    """L = 6 layers, T = 6 steps: 269 val samples x 55,986 states; the error names the way out."""
+    cfg = TrainConfig(**dict(TINY, hidden=16, num_layers=6, max_steps=6))
+    with pytest.raises(ValueError, match="agent_method='reinforce'"):
+        Trainer(cfg, digits, None, progress=False)
+    Trainer(TrainConfig(**dict(TINY, hidden=16, num_layers=6, max_steps=6, agent_method="reinforce")), digits, None,
+            progress=False)
+
+
+def test_cli_agent_flags_reach_the_config():
+    import argparse
+
+    from dynalay.train.cli import _build_config, add_commands
+
+    ap = argparse.ArgumentParser()
+    add_commands(ap.add_subparsers())
+    args = ap.parse_args(["train", "--agent-method", "reinforce", "--reward-accuracy", "prob", "--refit-epochs", "7"])
+    cfg = _build_config(args)
+    assert (cfg.agent_method, cfg.reward.accuracy, cfg.refit_epochs) == ("reinforce", "prob", 7)
+    default = _build_config(ap.parse_args(["train"]))
+    assert (default.agent_method, default.reward.accuracy, default.knob) == ("tree", "correct", 0.05)

@@ -8,6 +8,9 @@ import sys
 import time
 from typing import List
 
+from .reward import ACCURACY_TERMS
+from .trainer import AGENT_METHODS, BASELINES, TrainConfig
+
 DEFAULT_SEEDS = 3
 
 
@@ -34,9 +37,15 @@ def add_commands(sub) -> None:
     t.add_argument("--tol", type=float, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--lam", type=float, default=None, help="reward: price of compute (lambda)")
-    t.add_argument("--baseline", choices=("learned", "self_critical"), default=None)
+    t.add_argument("--agent-method", choices=AGENT_METHODS, default=None,
+                   help="the agent's training: 'tree' (exact policy gradient over the enumerated decision tree, "
+                        "default) or 'reinforce'")
+    t.add_argument("--reward-accuracy", choices=ACCURACY_TERMS, default=None,
+                   help="reward's accuracy term (default 'correct'; use 'prob' with --agent-method reinforce)")
+    t.add_argument("--baseline", choices=BASELINES, default=None, help="REINFORCE baseline")
     t.add_argument("--knob", type=float, default=None,
-                   help="default compute price lambda at inference, reported as 'dynalay' (default 0.3)")
+                   help=f"default compute price lambda at inference, reported as 'dynalay' "
+                        f"(default {TrainConfig.knob})")
     t.add_argument("--timing-repeats", type=int, default=None)
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: available CPUs / ranks)")
     t.add_argument("--no-progress", action="store_true")
@@ -54,7 +63,6 @@ def add_commands(sub) -> None:
 
 
 def _build_config(args):
-    from .trainer import TrainConfig
 
     base = {}
     if args.config:
@@ -73,12 +81,14 @@ def _build_config(args):
     cfg.mlp_epochs = ep(args.mlp_epochs, cfg.mlp_epochs)
     for flag, name in (("hidden", "hidden"), ("layers", "num_layers"), ("steps", "max_steps"),
                        ("max_iter", "max_iter"), ("tol", "tol"), ("lr", "lr"), ("baseline", "baseline"),
-                       ("timing_repeats", "timing_repeats")):
+                       ("agent_method", "agent_method"), ("timing_repeats", "timing_repeats")):
         v = getattr(args, flag)
         if v is not None:
             setattr(cfg, name, v)
     if args.lam is not None:
         cfg.reward.lam = args.lam
+    if args.reward_accuracy is not None:
+        cfg.reward.accuracy = args.reward_accuracy
     if args.knob is not None:
         cfg.knob = args.knob
     return cfg.validate()

@@ -60,7 +60,7 @@ from ..models.dynalay import Policy
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataBundle
 from .reward import RewardConfig, compute_rewards
-from .tree import build_tree, expected_return
+from .tree import MAX_TREE_SOLVES, build_tree, expected_return, tree_solves
 
 PHASES = ("mlp", "warmup", "agent", "joint", "refit")
 BASELINES = ("learned", "self_critical", "rloo", "rloo_step")
@@ -259,6 +259,15 @@ class Trainer:
         n_sel = int(round(cfg.agent_select_fraction * nv)) if cfg.agent_method == "tree" else 0
         vp = torch.randperm(nv, generator=_gen(cfg.seed, 99))
         self.agent_idx, self.select_idx = vp[n_sel:].sort().values, vp[:n_sel].sort().values
+        if cfg.agent_method == "tree":
+            mc = self.model.cfg
+            n = tree_solves(nv, mc.num_layers, mc.max_steps)
+            if n > MAX_TREE_SOLVES:
+                raise ValueError(
+                    f"agent_method='tree' would solve {n:,} states per tree ({nv} samples, L={mc.num_layers} "
+                    f"layers, T={mc.max_steps} steps: N * (L + ... + L^T); limit {MAX_TREE_SOLVES:,}): use "
+                    f"agent_method='reinforce' (--agent-method reinforce --reward-accuracy prob), or fewer "
+                    f"layers or steps")
         self.agent_best: Optional[dict] = None  # {"score", "epoch", "policy"}: best held-out epoch so far
         self._tree = self._sel_tree = None  # decision-tree caches (rebuilt when the backbone changes)
         self._broadcast()

@@ -39,6 +39,14 @@ from ..ops.dispatch import dynamic_step
 from .reward import RewardConfig, accuracy_term
 
 
+MAX_TREE_SOLVES = 2_000_000  # row solves of one tree build (800 samples at L = T = 4: 272,000, ~2 s)
+
+
+def tree_solves(num_samples: int, num_layers: int, steps: int) -> int:
+    """Row solves that :func:`build_tree` runs: ``N * (L + L^2 + ... + L^T)``."""
+    return num_samples * sum(num_layers ** d for d in range(1, steps + 1))
+
+
 class DecisionTree(NamedTuple):
     """Per depth ``d``: node ``k`` at depth ``d`` and action ``l < L`` lead to node ``k * L + l`` at
     depth ``d + 1``.  N samples, ``n_d = L^d`` nodes per sample at depth ``d``."""
