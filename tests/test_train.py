@@ -295,3 +295,24 @@ def test_cli_agent_flags_reach_the_config():
     assert (cfg.agent_method, cfg.reward.accuracy, cfg.refit_epochs) == ("reinforce", "prob", 7)
     default = _build_config(ap.parse_args(["train"]))
     assert (default.agent_method, default.reward.accuracy, default.knob) == ("tree", "correct", 0.05)
+
+
+def test_envelope_and_its_paired_standard_error():
+    """The per-sample baseline behind envelope_paired_se averages to envelope_interp's value (its
+    upper envelope: a point worse than a cheaper one is replaced by it), and the SE is the
+    sample standard deviation of the paired difference over sqrt(n)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 400
+    cs = [rng.random(n) < p for p in (0.5, 0.7, 0.65, 0.8)]  # the third point is below the envelope
+    pts = [dict(flops_per_sample=f, accuracy=float(c.mean())) for f, c in zip((1.0, 2.0, 3.0, 4.0), cs)]
+    dyn = rng.random(n) < 0.72
+    for f, w, lo, hi in ((2.5, 0.5, 1, 1), (3.25, 0.25, 1, 3), (1.0, 0.0, 0, 1)):
+        env = R.envelope_interp(pts, f)
+        base = (1 - w) * cs[lo] + w * cs[hi]
+        assert env == pytest.approx(base.mean(), abs=1e-12)
+        d = dyn.astype(float) - base
+        assert R.envelope_paired_se(dyn, f, pts, cs) == pytest.approx(d.std(ddof=1) / np.sqrt(n), rel=1e-12)
+    assert R.envelope_paired_se(dyn, 0.5, pts, cs) is None and R.envelope_interp(pts, 5.0) is None
+    assert R.envelope_paired_se(cs[1], 2.0, pts, cs) == 0.0  # the curve's own point: no difference

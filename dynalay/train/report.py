@@ -176,6 +176,14 @@ def evaluate(model: DynaLay, mlp: MLPBaseline, data, cfg, default_knob: Optional
                                  and dd["flops_static_wrong"] > dd["flops_static_right"]
                                  and dd["flops_low_confidence"] > dd["flops_high_confidence"])
     out["per_sample_flops"] = dict(dynalay=f.tolist(), static=st["flops"].tolist())
+    ee_c = [res[f"early_exit:{th}"]["correct"] for th in cfg.exit_thresholds]
+    tr_c = [res[f"truncation:{k}"]["correct"] for k in range(T + 1)]
+    out["margin_se"] = [dict(knob=p["knob"],
+                             vs_truncation_se=envelope_paired_se(res[f"pareto:{p['knob']}"]["correct"],
+                                                                 p["flops_per_sample"], out["truncation"], tr_c),
+                             vs_early_exit_se=envelope_paired_se(res[f"pareto:{p['knob']}"]["correct"],
+                                                                 p["flops_per_sample"], out["early_exit"], ee_c))
+                        for p in out["pareto"]]
     out["cost_table"] = model.cost_table()
     return out
 
@@ -197,6 +205,32 @@ def envelope_interp(points: List[dict], flops: float) -> Optional[float]:
     return float(np.interp(flops, xs, ys))
 
 
+def envelope_paired_se(correct: np.ndarray, flops: float, points: List[dict], samples: List[np.ndarray]) \
+        -> Optional[float]:
+    """Standard error, over test samples, of ``accuracy - envelope_interp(points, flops)``: the
+    per-sample difference between ``correct`` (0/1 per sample) and the baseline curve's upper
+    envelope at ``flops`` (the two bracketing envelope points' per-sample correctness, weighted as
+    the interpolation weights them; ``samples[k]`` belongs to ``points[k]``).  Paired, so it
+    measures how much the margin would move on another test set of the same size."""
+    order = sorted(range(len(points)), key=lambda k: points[k]["flops_per_sample"])
+    xs, src, best, arg = [], [], -1.0, None
+    for k in order:
+        if points[k]["accuracy"] > best:
+            best, arg = points[k]["accuracy"], k
+        xs.append(points[k]["flops_per_sample"])
+        src.append(arg)
+    if flops < xs[0] - 1e-9 or flops > xs[-1] + 1e-9:
+        return None
+    j = int(np.clip(np.searchsorted(xs, flops, side="right") - 1, 0, len(xs) - 1))
+    if j + 1 < len(xs) and xs[j + 1] > xs[j]:
+        w = (flops - xs[j]) / (xs[j + 1] - xs[j])
+        base = (1 - w) * samples[src[j]].astype(np.float64) + w * samples[src[j + 1]].astype(np.float64)
+    else:
+        base = samples[src[j]].astype(np.float64)
+    d = correct.astype(np.float64) - base
+    return float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else None
+
+
 def targets(rep: dict, dataset: str) -> dict:
     m = rep["models"]
     dy, st = m["dynalay"], m["static"]
@@ -210,12 +244,14 @@ def targets(rep: dict, dataset: str) -> dict:
     t["flops_le_50pct"] = t["flops_ratio_vs_static"] <= 0.5
     t["wall_le_60pct"] = None if t["wall_ratio_vs_static"] is None else t["wall_ratio_vs_static"] <= 0.6
     margins = []
-    for p in rep["pareto"]:
+    for i, p in enumerate(rep["pareto"]):
         tr = envelope_interp(rep["truncation"], p["flops_per_sample"])
         ee = envelope_interp(rep["early_exit"], p["flops_per_sample"])
         margins.append(dict(knob=p["knob"], flops_per_sample=p["flops_per_sample"], accuracy=p["accuracy"],
                             vs_truncation=None if tr is None else p["accuracy"] - tr,
                             vs_early_exit=None if ee is None else p["accuracy"] - ee))
+        if "margin_se" in rep:  # paired standard errors over test samples (one seed's, or seeds combined)
+            margins[-1].update(rep["margin_se"][i])
     t["curve_margins"] = margins
     cmp_tr = [q["vs_truncation"] for q in margins if q["vs_truncation"] is not None]
     cmp_ee = [q["vs_early_exit"] for q in margins if q["vs_early_exit"] is not None]
@@ -271,10 +307,18 @@ def aggregate(seed_results: List[dict], meta: Optional[dict] = None) -> dict:
     rep["dispatch"] = {k: _mean_std([r["dispatch"][k] for r in seed_results])[0] for k in r0["dispatch"]}
     rep["cost_table"] = r0.get("cost_table")
     rep["default_knob"] = r0.get("default_knob")
+    if all("margin_se" in r for r in seed_results):  # SE of the mean over seeds: sqrt(sum se^2) / S
+        S = len(seed_results)
+        rep["margin_se"] = [
+            {"knob": q["knob"], **{k: (None if any(r["margin_se"][i][k] is None for r in seed_results) else
+                                       math.sqrt(sum(r["margin_se"][i][k] ** 2 for r in seed_results)) / S)
+                                   for k in ("vs_truncation_se", "vs_early_exit_se")}}
+            for i, q in enumerate(r0["margin_se"])]
     rep["targets"] = targets(rep, rep["dataset"])
     rep["targets"]["harder_get_more"] = diff["harder_get_more_all_seeds"]
     rep["targets_per_seed"] = [targets(r, rep["dataset"]) for r in seed_results]
-    rep["per_seed"] = [{k: r[k] for k in ("seed", "models", "pareto", "truncation", "early_exit", "difficulty")
+    rep["per_seed"] = [{k: r[k] for k in ("seed", "models", "pareto", "truncation", "early_exit", "difficulty",
+                                          "margin_se")
                         if k in r} for r in seed_results]
     rep["machine"] = machine_info()
     if meta:
@@ -350,6 +394,13 @@ def format_table(rep: dict) -> str:
                      f"({t['points_compared']['truncation']} points; on/above: {t['curve_on_or_above_truncation']}); "
                      f"vs early_exit: {'-' if me is None else f'{me * 100:+.2f} pt'} "
                      f"({t['points_compared']['early_exit']} points; on/above: {t['curve_on_or_above_early_exit']})")
+        if any("vs_early_exit_se" in q for q in t["curve_margins"]):
+            def pm(v, se):
+                return "-" if v is None else f"{v * 100:+.2f}" + ("" if se is None else f" ± {se * 100:.2f}")
+
+            lines.append("margins per knob, pt (± paired standard error over test samples): " + "; ".join(
+                f"lambda {q['knob']}: truncation {pm(q['vs_truncation'], q.get('vs_truncation_se'))}, "
+                f"early_exit {pm(q['vs_early_exit'], q.get('vs_early_exit_se'))}" for q in t["curve_margins"]))
         d = rep["difficulty"]
         lines.append(f"harder inputs get more compute: {t.get('harder_get_more')} (MFLOPs static-wrong "
                      f"{_pm(d.get('flops_static_wrong'), None, 1e-6, '{:.3f}')} vs right "
