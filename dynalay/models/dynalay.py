@@ -51,7 +51,8 @@ from ..nn.dynamic import DynamicFPIStep
 from ..ops._common import SolverConfig, tracing
 from ..ops.dispatch import dynamic_step
 
-__all__ = ["DynaLayConfig", "DynaLay", "DynaLayOutput", "CostModel", "Policy", "MLPBaseline", "mlp_hidden_for_params"]
+__all__ = ["DynaLayConfig", "DynaLay", "DynaLayOutput", "CostModel", "Policy", "MLPBaseline", "mlp_hidden_for_params",
+           "head_stats", "relative_change", "advance_history_"]
 
 
 @dataclass
@@ -188,6 +189,50 @@ class CostModel:
 def _solve_args(tol: float, max_iter: int) -> tuple:
     """The solver arguments of the C++ ops for the model's solves (validated once)."""
     return SolverConfig(tol, max_iter).validate().op_args()
+
+
+def head_stats(logits: Tensor):
+    """The agent's view of the head on a state: ``(conf, ent, pred)``, the max probability
+    ``(n, 1)``, the entropy normalised by ``log C`` ``(n, 1)`` and the argmax ``(n,)``."""
+    lg = logits.detach()
+    mx, pred = lg.max(1, keepdim=True)
+    z = lg - mx
+    e = z.exp()
+    s_ = e.sum(1, keepdim=True)
+    conf = s_.reciprocal()
+    ent = (s_.log() - (e * z).sum(1, keepdim=True) * conf) * (1.0 / math.log(lg.shape[1]))
+    return conf, ent, pred.squeeze(1)
+
+
+@torch.no_grad()
+def relative_change(h0: Tensor, h1: Tensor, n0: Optional[Tensor] = None):
+    """``(||h1 - h0|| / (||h0|| + 1e-6), ||h1||)`` per row, from two reductions (``n0 = ||h0||``
+    when the caller carries it)."""
+    h0, h1 = h0.detach(), h1.detach()
+    if n0 is None:
+        n0 = torch.linalg.vector_norm(h0, dim=1)
+    n1 = torch.linalg.vector_norm(h1, dim=1)
+    d2 = (n1 * n1 + n0 * n0 - 2 * torch.linalg.vecdot(h1, h0)).clamp_(min=0)
+    return d2.sqrt_() / (n0 + 1e-6), n1
+
+
+def advance_history_(hist: Tensor, a: Tensor, iters: Tensor, converged: Tensor, dch: Tensor, conf: Tensor,
+                     cfg: "DynaLayConfig") -> Tensor:
+    """The agent's history after the rows of ``hist`` applied layers ``a`` (in place; ``hist``
+    must be the caller's own): layer-use counts / T, last action one-hot, the solve's iterations /
+    max_iter, its convergence flag, the relative state change and the confidence before the step
+    (the last column, lambda, is kept)."""
+    L = cfg.num_layers
+    ac = a.unsqueeze(1)
+    hist[:, :L].scatter_add_(1, ac, hist.new_full((ac.shape[0], 1), 1.0 / cfg.max_steps))
+    last_oh = hist[:, L:2 * L]
+    last_oh.zero_()
+    last_oh.scatter_(1, ac, 1.0)
+    hist[:, 2 * L].copy_(iters).mul_(1.0 / cfg.max_iter)
+    hist[:, 2 * L + 1].copy_(converged)
+    hist[:, 2 * L + 2].copy_(dch)
+    hist[:, 2 * L + 3].copy_(conf)
+    return hist
 
 
 class DynaLayOutput(NamedTuple):
@@ -480,14 +525,7 @@ class DynaLay(nn.Module):
                 a, conf, pred = torch.ops.dynalay_C.agent_decide(logits_t, proj, hist, prev_pred, agent_w, t,
                                                                  float(nop_bias))
             elif use_agent:
-                lg = logits_t.detach()
-                mx, pred = lg.max(1, keepdim=True)
-                z = lg - mx
-                e = z.exp()
-                s_ = e.sum(1, keepdim=True)
-                conf = s_.reciprocal()  # max probability
-                ent = (s_.log() - (e * z).sum(1, keepdim=True) * conf) * (1.0 / math.log(C))
-                pred = pred.squeeze(1)
+                conf, ent, pred = head_stats(logits_t)
                 changed = (pred != prev_pred).unsqueeze(1).to(h.dtype)
                 f = torch.cat([proj, conf, ent, changed, hist] if P > 0 else [conf, ent, changed, hist], 1)
                 conf = conf.squeeze(1)
@@ -572,25 +610,11 @@ class DynaLay(nn.Module):
                 spent += n_run * (cost.layer_fixed + cost.head + (cost.agent if t + 1 < T else 0.0)) \
                     + float(it.sum()) * cost.per_iter
             if hist is not None:
-                with torch.no_grad():  # relative state change, from two reductions (norm of h0 is carried)
-                    h0d, h1d = hs.detach(), r.h.detach()
-                    n0 = hn if hn is not None else torch.linalg.vector_norm(h0d, dim=1)
-                    n1 = torch.linalg.vector_norm(h1d, dim=1)
-                    d2 = (n1 * n1 + n0 * n0 - 2 * torch.linalg.vecdot(h1d, h0d)).clamp_(min=0)
-                    dch = d2.sqrt_() / (n0 + 1e-6)
-                    hn = n1
+                dch, hn = relative_change(hs, r.h, hn)  # the norm of the state is carried
                 if compact:  # update the running rows' history in place (hist is theirs alone)
                     if hist.data_ptr() == hist_base_ptr:
                         hist = hist.clone()
-                    ac = a.unsqueeze(1)
-                    hist[:, :L].scatter_add_(1, ac, hist.new_full((ac.shape[0], 1), 1.0 / T))
-                    last_oh = hist[:, L:2 * L]
-                    last_oh.zero_()
-                    last_oh.scatter_(1, ac, 1.0)
-                    hist[:, 2 * L].copy_(it).mul_(1.0 / cfg.max_iter)
-                    hist[:, 2 * L + 1].copy_(r.converged)
-                    hist[:, 2 * L + 2].copy_(dch)
-                    hist[:, 2 * L + 3].copy_(conf)
+                    advance_history_(hist, a, it, r.converged, dch, conf, cfg)
                     prev_pred = pred
                 else:
                     oh = F.one_hot(a.clamp(max=L - 1), L).to(h.dtype)

@@ -512,9 +512,9 @@ class Trainer:
         finally:
             pool.train(was)
 
-    def _build_trees(self) -> None:
-        """The decision trees (:mod:`dynalay.train.tree`) of the agent's samples and of the held-out
-        selection samples, on the backbone as it is now."""
+    def _build_trees(self, select: bool = True) -> None:
+        """The decision trees (:mod:`dynalay.train.tree`) of the agent's samples and (``select``) of
+        the held-out selection samples, on the backbone as it is now."""
         m, c, v = self.model, self.cfg, self.data.val
         was = m.training
         m.eval()
@@ -524,7 +524,7 @@ class Trainer:
             lat = self._latency_per_layer()
         self._tree = build_tree(m, v.x[self.agent_idx], v.y[self.agent_idx], c.reward, self.cost_ref, W=W,
                                 layer_cost=lat)
-        self._sel_tree = None if self.select_idx.numel() == 0 else build_tree(
+        self._sel_tree = None if not select or self.select_idx.numel() == 0 else build_tree(
             m, v.x[self.select_idx], v.y[self.select_idx], c.reward, self.cost_ref, W=W, layer_cost=lat)
         m.train(was)
 
@@ -549,6 +549,14 @@ class Trainer:
         self._check(ok, "agent", loss)
         torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.opt_ag.step()
+
+    def _agent_batch(self, name: str, e: int, pos: Tensor, gen: torch.Generator):
+        """One agent step on the agent samples at positions ``pos`` (of ``agent_idx``), by the
+        configured method: ``(loss, mean reward, mean layers)``."""
+        if self.cfg.agent_method == "tree":
+            return self._tree_step(pos, gen, self._tree_beta(name, e))
+        vi = self.agent_idx[pos]
+        return self._agent_step(self.data.val.x[vi], self.data.val.y[vi], gen)
 
     def _phase_epochs(self, name: str) -> int:
         return getattr(self.cfg, f"{name}_epochs")
@@ -688,7 +696,7 @@ class Trainer:
         if name == "refit" and e == 0:
             self._reset_agent()
         if tree and name == "joint" or tree and name in ("agent", "refit") and (e == 0 or self._tree is None):
-            self._build_trees()  # the joint phase moves the backbone: rebuilt every epoch
+            self._build_trees(select=name != "joint")  # the joint phase moves the backbone: every epoch
         n_ag = len(self.agent_idx)
         if name in ("mlp", "warmup", "joint"):
             perm = torch.randperm(len(d.fit), generator=g_order)
@@ -711,12 +719,7 @@ class Trainer:
                             vperm = torch.randperm(n_ag, generator=g_order)
                             vpos, vb = 0, vperm[:c.agent_batch]
                         vpos += c.agent_batch
-                        vb = self._shard(vb)
-                        if tree:
-                            _, r, nl = self._tree_step(vb, g_pol, self._tree_beta(name, e))
-                        else:
-                            vi = self.agent_idx[vb]
-                            _, r, nl = self._agent_step(d.val.x[vi], d.val.y[vi], g_pol)
+                        _, r, nl = self._agent_batch(name, e, self._shard(vb), g_pol)
                         extra["reward"].append(r)
                         extra["layers"].append(nl)
                 if bar is not None:
@@ -727,11 +730,7 @@ class Trainer:
                 vb = self._shard(vperm[s * c.agent_batch:(s + 1) * c.agent_batch])
                 if vb.numel() == 0:
                     continue
-                if tree:
-                    lo, r, nl = self._tree_step(vb, g_pol, self._tree_beta(name, e))
-                else:
-                    vi = self.agent_idx[vb]
-                    lo, r, nl = self._agent_step(d.val.x[vi], d.val.y[vi], g_pol)
+                lo, r, nl = self._agent_batch(name, e, vb, g_pol)
                 losses.append(lo)
                 extra["reward"].append(r)
                 extra["layers"].append(nl)

@@ -28,13 +28,13 @@ probability that the policy reaches that node.
 """
 from __future__ import annotations
 
-import math
 from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.dynalay import advance_history_, head_stats, relative_change
 from ..ops.dispatch import dynamic_step
 from .reward import RewardConfig, accuracy_term
 
@@ -93,7 +93,7 @@ def build_tree(model, x: Tensor, y: Tensor, reward: RewardConfig, cost_ref: floa
 
 def _build_chunk(model, x, y, reward, cost_ref, W, layer_cost):
     cfg, cost = model.cfg, model.costs
-    L, T, C = cfg.num_layers, cfg.max_steps, cfg.num_classes
+    L, T = cfg.num_layers, cfg.max_steps
     N = x.shape[0]
     if W is None:
         W = model.pool.effective_weight()
@@ -115,13 +115,7 @@ def _build_chunk(model, x, y, reward, cost_ref, W, layer_cost):
         if d == T:
             break
         # the agent's features, as DynaLay.run computes them
-        mx, pred = logits.max(1, keepdim=True)
-        z = logits - mx
-        e = z.exp()
-        s_ = e.sum(1, keepdim=True)
-        conf = s_.reciprocal()
-        ent = (s_.log() - (e * z).sum(1, keepdim=True) * conf) * (1.0 / math.log(C))
-        pred = pred.squeeze(1)
+        conf, ent, pred = head_stats(logits)
         changed = (pred != prev_pred).unsqueeze(1).to(hs.dtype)
         feats.append(torch.cat([conf, ent, changed, hist], 1).view(N, -1, 3 + cfg.history_dim))
         if states is not None:
@@ -141,20 +135,10 @@ def _build_chunk(model, x, y, reward, cost_ref, W, layer_cost):
         rep = last.repeat_interleave(L) == a
         stale = dh.to(torch.float64) < reward.stale_delta
         pens.append((reward.mu_repeat * rep.double() + reward.mu_stale * stale.double()).to(hs.dtype).view(N, -1, L))
-        # the children's history (DynaLay.run's in-place update, for n * L rows)
-        n0 = hn.repeat_interleave(L)
-        n1 = torch.linalg.vector_norm(r.h, dim=1)
-        d2 = (n1 * n1 + n0 * n0 - 2 * torch.linalg.vecdot(r.h, h0)).clamp_(min=0)
-        dch = d2.sqrt_() / (n0 + 1e-6)
-        hist = hist.repeat_interleave(L, 0)
-        ac = a.unsqueeze(1)
-        hist[:, :L].scatter_add_(1, ac, hist.new_full((ac.shape[0], 1), 1.0 / T))
-        hist[:, L:2 * L] = 0
-        hist[:, L:2 * L].scatter_(1, ac, 1.0)
-        hist[:, 2 * L] = it.to(hs.dtype) * (1.0 / cfg.max_iter)
-        hist[:, 2 * L + 1] = r.converged.to(hs.dtype)
-        hist[:, 2 * L + 2] = dch
-        hist[:, 2 * L + 3] = conf.squeeze(1).repeat_interleave(L)
+        # the children's history (DynaLay.run's update, for n * L rows)
+        dch, n1 = relative_change(h0, r.h, hn.repeat_interleave(L))
+        hist = advance_history_(hist.repeat_interleave(L, 0), a, it, r.converged, dch,
+                                conf.squeeze(1).repeat_interleave(L), cfg)
         prev_pred = pred.repeat_interleave(L)
         last = a
         hn = n1
