@@ -3,7 +3,8 @@
 # (and profile forward+backward), run the GPU tests with the chosen configuration, then the GPU
 # benchmark.  Logs and tables go to $OUT (default benchmarks/results/gpu).
 # Usage (device tool): carry .whl (the torchdeq wheel), then  bash benchmarks/gpu_run.sh
-# Stages: SKIP_BUILD=1 SKIP_TUNE=1 SKIP_TESTS=1 SKIP_BENCH=1; TEST_PATHS, BENCH_ARGS, *_TIMEOUT.
+# Stages: SKIP_BUILD=1 SKIP_TUNE=1 SKIP_TESTS=1 SKIP_BENCH=1; TEST_PATHS, BENCH_ARGS, TUNE_ARGS, *_TIMEOUT;
+# TUNED_ENV='export ...' replays the choices of an earlier tune stage (written to $OUT/tuned.env).
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -19,18 +20,20 @@ cat "$OUT/env.txt"
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   t0=$(date +%s)
   DYNALAY_BUILD_CUDA=1 DYNALAY_BUILD_CPP=1 DYNALAY_CUDA_ARCHS=${DYNALAY_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
-    timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+    timeout ${BUILD_TIMEOUT:-240} python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
   echo "build rc=$? in $(( $(date +%s) - t0 )) s"; grep -E " error|registers|spill" "$OUT/build.log" | head -20
 fi
 python3 -m dynalay info 2>&1 | tee -a "$OUT/env.txt"
 if [ "${SKIP_TUNE:-0}" != 1 ]; then
   t0=$(date +%s)
-  timeout ${TUNE_TIMEOUT:-150} python3 benchmarks/gpu_tune.py --out "$OUT" --env-out /tmp/dynalay_tuned.env \
-    > "$OUT/tune.log" 2>&1
-  echo "tune rc=$? in $(( $(date +%s) - t0 )) s"; grep -E "chosen|failed" "$OUT/tune.log"
-  [ -f /tmp/dynalay_tuned.env ] && . /tmp/dynalay_tuned.env
+  timeout ${TUNE_TIMEOUT:-200} python3 benchmarks/gpu_tune.py --out "$OUT" --env-out "$OUT/tuned.env" \
+    ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
+  echo "tune rc=$? in $(( $(date +%s) - t0 )) s"; grep -E "chosen|failed|PROFILE|cuda variant" "$OUT/tune.log" | cut -c1-400
 fi
-echo "DYNALAY_TRITON_FAST_CONFIG=${DYNALAY_TRITON_FAST_CONFIG:-default} DYNALAY_TRITON_TILED_CONFIG=${DYNALAY_TRITON_TILED_CONFIG:-default}" | tee -a "$OUT/env.txt"
+[ -f "$OUT/tuned.env" ] && . "$OUT/tuned.env" && cp "$OUT/tuned.env" /tmp/dynalay_tuned.env
+if [ -n "${TUNED_ENV:-}" ]; then eval "$TUNED_ENV"; fi
+export DYNALAY_TRITON_FAST_CONFIG DYNALAY_TRITON_TILED_CONFIG DYNALAY_CUDA_SOLVE 2>/dev/null
+echo "DYNALAY_TRITON_FAST_CONFIG=${DYNALAY_TRITON_FAST_CONFIG:-default} DYNALAY_TRITON_TILED_CONFIG=${DYNALAY_TRITON_TILED_CONFIG:-default} DYNALAY_CUDA_SOLVE=${DYNALAY_CUDA_SOLVE:-default}" | tee -a "$OUT/env.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t0=$(date +%s)
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest ${TEST_PATHS:-tests} -q -m "not slow" -p no:cacheprovider -rfEs \

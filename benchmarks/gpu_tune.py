@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dynalay  # noqa: E402
+from dynalay import backends  # noqa: E402
 from dynalay.backends import triton as tb  # noqa: E402
 
 
@@ -32,10 +33,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--env-out", default="/tmp/dynalay_tuned.env")
+    ap.add_argument("--tiled", action="store_true", help="also sweep the tiled (H > 128) configurations")
     args = ap.parse_args()
     res = {"fast": {}, "tiled": {}}
     ref = {}
-    for (B, H) in ((8192, 64), (65536, 64), (8192, 128), (65536, 128)):
+    for (B, H) in ((8192, 64), (8192, 128), (65536, 128)):
         inj, W = problem(B, H)
         ref[(B, H)] = dynalay.fixed_point(inj, W, backend="torch", check="none")
         for cfg in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)):
@@ -48,7 +50,7 @@ def main():
                 print(f"fast {B}x{H} BM={cfg[0]} warps={cfg[1]}: {ms:.3f} ms ok={ok}", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"fast {B}x{H} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    for (B, H) in ((8192, 256), (8192, 512)):
+    for (B, H) in ((8192, 256), (8192, 512)) if args.tiled else ():
         inj, W = problem(B, H)
         rr = dynalay.fixed_point(inj, W, backend="torch", check="none")
         for cfg in ((32, 64, 4), (64, 64, 4), (64, 64, 8), (32, 32, 4), (128, 64, 8), (64, 32, 4)):
@@ -83,6 +85,8 @@ def main():
     except Exception as e:  # noqa: BLE001 - keep the defaults
         print(f"choosing a configuration failed ({e}); keeping the defaults", flush=True)
         env = []
+    if not backends.not_supported_reasons("cuda", "cuda", torch.float32):
+        cuda_variants(env)
     with open(args.env_out, "w") as f:
         f.write("\n".join(env) + "\n")
     print("chosen:", env, flush=True)
@@ -93,7 +97,7 @@ def main():
 
 
 def choose(best, res):
-    b64 = best(["8192x64", "65536x64"], "fast", [f"BM={a} w={b}" for a, b in ((16, 4), (16, 8), (32, 4), (32, 8),
+    b64 = best(["8192x64"], "fast", [f"BM={a} w={b}" for a, b in ((16, 4), (16, 8), (32, 4), (32, 8),
                                                                              (64, 4), (64, 8))])
     b128 = best(["8192x128", "65536x128"], "fast", [f"BM={a} w={b}" for a, b in ((16, 4), (16, 8), (32, 4), (32, 8),
                                                                                (64, 4), (64, 8))])
@@ -110,26 +114,127 @@ def choose(best, res):
     return env
 
 
+CUDA_VARIANTS = ("block", "r8w8", "r4w8", "r8w4", "r16w4")
+
+
+def cuda_one():
+    """(In a subprocess, DYNALAY_CUDA_SOLVE set) time the cuda solve and check it against torch."""
+    out = {}
+    for (B, H, dt) in ((8192, 64, torch.float32), (8192, 128, torch.float32), (65536, 128, torch.float32),
+                       (8192, 128, torch.bfloat16), (1000, 100, torch.float32)):
+        inj, W = problem(B, H, dt)
+        G = torch.randn_like(inj)
+        key = f"{B}x{H} {str(dt).split('.')[-1]}"
+        try:
+            grads = {}
+            for be in ("torch", "cuda"):
+                i_, W_ = inj.detach().float().requires_grad_(), W.detach().float().requires_grad_()
+                if be == "cuda":
+                    i_ = inj.detach().requires_grad_()
+                    W_ = W.detach().requires_grad_()
+                r = dynalay.fixed_point(i_, W_, backend=be, check="none")
+                (r.z.float() * G.float()).sum().backward()
+                grads[be] = (r, i_.grad.float(), W_.grad.float())
+            rt, rc = grads["torch"][0], grads["cuda"][0]
+            tol = 1e-4 if dt == torch.float32 else 2e-2
+            zerr = float((rt.z.float() - rc.z.float()).abs().max())
+            it_eq = float((rt.iters == rc.iters).float().mean())
+            gerr = max(float((grads["torch"][k] - grads["cuda"][k]).abs().max() / (grads["torch"][k].abs().max()
+                                                                                  + 1e-12)) for k in (1, 2))
+            ok = zerr < tol and gerr < (1e-3 if dt == torch.float32 else 5e-2) and (it_eq > 0.99 or dt != torch.float32)
+            ms = bench(lambda: dynalay.fixed_point(inj, W, backend="cuda", check="none"))
+            out[key] = dict(ms=ms, ok=ok, zerr=zerr, iters_equal=it_eq, grad_rel_err=gerr)
+        except Exception as e:  # noqa: BLE001
+            out[key] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+    print("CUDA_ONE " + json.dumps(out), flush=True)
+
+
+def cuda_variants(env_lines):
+    """Sweep the CUDA solve variants (DYNALAY_CUDA_SOLVE is read once per process: one subprocess
+    each); choose the fastest that passes every check at B=8192/65536, H=128 and 64."""
+    import subprocess
+    res = {}
+    for v in CUDA_VARIANTS:
+        env = dict(os.environ, DYNALAY_CUDA_SOLVE=v)
+        try:
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--cuda-one"], env=env,
+                               capture_output=True, text=True, timeout=120)
+            line = [ln for ln in r.stdout.splitlines() if ln.startswith("CUDA_ONE ")]
+            res[v] = json.loads(line[0][9:]) if line else {"error": (r.stderr or r.stdout)[-500:]}
+        except Exception as e:  # noqa: BLE001
+            res[v] = {"error": str(e)[:300]}
+        print(f"cuda variant {v}: {json.dumps(res[v])}", flush=True)
+    score = {}
+    for v, r in res.items():
+        keys = [k for k in r if isinstance(r[k], dict)]
+        if "error" in r or not keys or not all(r[k].get("ok") for k in keys):
+            continue
+        base = res.get("block", {})
+        score[v] = sum(r[k]["ms"] / base[k]["ms"] if isinstance(base.get(k), dict) and "ms" in base[k] else r[k]["ms"]
+                       for k in ("8192x64 float32", "8192x128 float32", "65536x128 float32"))
+    if score:
+        v = min(score, key=score.get)
+        env_lines.append(f'export DYNALAY_CUDA_SOLVE="{v}"')
+        print(f"cuda chosen: {v} (scores {json.dumps({k: round(x, 3) for k, x in score.items()})})", flush=True)
+    return res
+
+
 def profile_fwdbwd(args):
-    """Profile of forward+backward at the issue's shape (where does the time go?)."""
+    """Where the time goes, per call: wall (do_bench), GPU kernel time and kernel count (profiler),
+    adjoint iterations; fixed point 8192x128 and dynamic_step 4096x128 (L=4, uniform), fp32."""
+    from torch.profiler import ProfilerActivity, profile
+    from dynalay.ops import fixed_point as fpm
     inj, W = problem(8192, 128)
     G = torch.randn_like(inj)
-
-    def fb():
-        i_, W_ = inj.detach().requires_grad_(), W.detach().requires_grad_()
-        (dynalay.fixed_point(i_, W_, backend="triton", check="none").z * G).sum().backward()
-
-    for _ in range(3):
-        fb()
-    torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fb()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
-    print(table)
+    L, B, H = 4, 4096, 128
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(B, H, generator=g).cuda()
+    U = (torch.randn(L, H, H, generator=g) / H ** 0.5).cuda()
+    Wl = torch.randn(L, H, H, generator=g, dtype=torch.float64)
+    Wl = (0.9 * Wl / torch.linalg.matrix_norm(Wl, 2)[:, None, None]).float().cuda()
+    bb = (0.1 * torch.randn(L, H, generator=g)).cuda()
+    Gh = torch.randn(B, H, generator=g).cuda()
+    for be in ("triton", "cuda"):
+        a0 = torch.randint(0, L, (B,), generator=g).cuda()
+        cases = {
+            "fp fwd": lambda: dynalay.fixed_point(inj, W, backend=be, check="none"),
+            "fp fwdbwd": lambda: (dynalay.fixed_point(inj.detach().requires_grad_(), W.detach().requires_grad_(),
+                                                      backend=be, check="none").z * G).sum().backward(),
+            "step fwd": lambda: dynalay.dynamic_step(h, a0, U, Wl, bb, backend=be, check="none"),
+            "step fwdbwd": lambda: (dynalay.dynamic_step(*[x.detach().requires_grad_() if i != 1 else x for i, x in
+                                                           enumerate((h, a0, U, Wl, bb))], backend=be,
+                                                         check="none").h * Gh).sum().backward(),
+        }
+        for name, fn in cases.items():
+            try:
+                if name.endswith("fwd"):
+                    def call(fn=fn):
+                        with torch.no_grad():
+                            return fn()
+                else:
+                    call = fn
+                ms = bench(call)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        call()
+                    torch.cuda.synchronize()
+                kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                gpu_ms = sum(e.device_time for e in kern) / 5 / 1e3
+                info = ""
+                if name.endswith("fwdbwd") and fpm.last_backward_stats:
+                    it = fpm.last_backward_stats["iters"].float()
+                    conv = fpm.last_backward_stats["converged"].float()
+                    info = f"adjoint iters mean {float(it.mean()):.1f} max {int(it.max())} converged {float(conv.mean()):.3f}"
+                print(f"PROFILE {be:6s} {name:12s} wall {ms:.3f} ms  gpu {gpu_ms:.3f} ms  kernels/call "
+                      f"{len(kern) / 5:.0f}  {info}", flush=True)
+                if be == "triton" and name in ("fp fwdbwd", "step fwdbwd"):
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"PROFILE {be} {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    if "--cuda-one" in sys.argv:
+        cuda_one()
+    else:
+        main()

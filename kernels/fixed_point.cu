@@ -21,6 +21,9 @@
 //    deterministic.
 #include "dynalay_kernels.cuh"
 
+#include <cstdlib>
+#include <string>
+
 namespace dynalay {
 namespace {
 
@@ -222,6 +225,187 @@ __global__ void __launch_bounds__(TX * TY) fp_solve_kernel(const DynalayFpSolveP
   }
 }
 
+// ---- warp-per-rows kernel (H <= 128) ----------------------------------------------------------
+// One block per tile of BM = RPT * WARPS rows of one layer; warp w owns rows [w*RPT, w*RPT+RPT) of
+// the tile and solves them on its own: lane l owns the CPT contiguous columns [l*CPT, l*CPT+CPT)
+// (H <= 32*CPT).  M (converted to float32, zero-padded to KP x 32*CPT) is loaded into shared memory
+// once per block; a warp's iterate rows live in shared memory (read as float4 broadcasts in the
+// k-loop).  A row's norms are reduced with an xor butterfly, so every lane holds the same sum bit
+// for bit and reaches the same freeze decision: no shared-memory reduction and no block barrier
+// inside the loop (only __syncwarp), and a warp whose rows have all converged stops computing.
+// Same arithmetic order for every row of every tile: deterministic, no atomics.
+template <class Tag, int CPT, int RPT, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) fp_solve_warp_kernel(const DynalayFpSolveParams p) {
+  using S = typename Tag::S;
+  constexpr int HC = 32 * CPT;
+  constexpr int BM = RPT * WARPS;
+  static_assert(CPT == 1 || CPT == 2 || CPT == 4, "CPT must be 1, 2 or 4");
+  static_assert(RPT >= 1 && RPT <= 32, "at most 32 rows per warp (bitmask)");
+  extern __shared__ float4 dyn_smem[];
+  const int H = p.H;
+  const int KP = (H + 3) & ~3;
+  float* M_s = reinterpret_cast<float*>(dyn_smem);                // KP x HC
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  float* zw = M_s + static_cast<size_t>(KP) * HC + static_cast<size_t>(warp) * RPT * KP;  // RPT x KP
+
+  int layer;
+  int64_t start, end;
+  if (p.tile_layer != nullptr) {
+    layer = p.tile_layer[blockIdx.x];
+    if (layer < 0) return;  // spare tile (block-uniform)
+    start = p.tile_row_start[blockIdx.x];
+    end = p.offsets[layer + 1];
+  } else {
+    layer = 0;
+    start = static_cast<int64_t>(blockIdx.x) * BM;
+    end = p.B;
+  }
+  const S* Mg = static_cast<const S*>(p.M) + static_cast<int64_t>(layer) * H * H;
+  for (int e = tid; e < KP * HC; e += WARPS * 32) {
+    const int k = e / HC;
+    const int n = e - k * HC;
+    M_s[e] = (k < H && n < H) ? ldg_f<Tag>(Mg + static_cast<int64_t>(k) * H + n) : 0.0f;
+  }
+  int64_t rows[RPT];
+  unsigned mask = 0;
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    const int64_t pos = start + warp * RPT + i;
+    rows[i] = pos < end ? (p.perm != nullptr ? p.perm[pos] : pos) : int64_t(-1);
+    if (rows[i] >= 0) mask |= 1u << i;
+  }
+  const S* z0g = static_cast<const S*>(p.z0);
+#pragma unroll
+  for (int i = 0; i < RPT; ++i)
+    for (int k = lane; k < KP; k += 32)
+      zw[i * KP + k] = (z0g != nullptr && rows[i] >= 0 && k < H) ? ldg_f<Tag>(z0g + rows[i] * H + k) : 0.0f;
+  __syncthreads();  // M_s complete (the only block-wide barrier)
+
+  const S* cg = static_cast<const S*>(p.c);
+  const bool exact = p.exact_step != 0;
+  const bool adj = p.adjoint != 0;
+  const float damp = p.damping;
+  int iters_r[RPT];
+  float res_r[RPT];
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    iters_r[i] = 0;
+    res_r[i] = 0.0f;
+  }
+  int it = 0;
+  while (mask != 0 && it < p.max_iter) {  // warp-uniform
+    ++it;
+    float acc[RPT][CPT];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i)
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) acc[i][j] = 0.0f;
+#pragma unroll 2
+    for (int k = 0; k < KP; k += 4) {
+      float m[4][CPT];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const float* mp = M_s + (k + kk) * HC + lane * CPT;
+        if constexpr (CPT == 4) {
+          const float4 v = *reinterpret_cast<const float4*>(mp);
+          m[kk][0] = v.x;
+          m[kk][1] = v.y;
+          m[kk][2] = v.z;
+          m[kk][3] = v.w;
+        } else if constexpr (CPT == 2) {
+          const float2 v = *reinterpret_cast<const float2*>(mp);
+          m[kk][0] = v.x;
+          m[kk][1] = v.y;
+        } else {
+          m[kk][0] = mp[0];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < RPT; ++i) {
+        const float4 zv = *reinterpret_cast<const float4*>(zw + i * KP + k);
+#pragma unroll
+        for (int j = 0; j < CPT; ++j) {
+          acc[i][j] = fmaf(zv.x, m[0][j], acc[i][j]);
+          acc[i][j] = fmaf(zv.y, m[1][j], acc[i][j]);
+          acc[i][j] = fmaf(zv.z, m[2][j], acc[i][j]);
+          acc[i][j] = fmaf(zv.w, m[3][j], acc[i][j]);
+        }
+      }
+    }
+    __syncwarp();  // every lane has read the iterate before any lane rewrites it
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      if (!((mask >> i) & 1u)) continue;  // warp-uniform
+      const int64_t row = rows[i];
+      float sn = 0.0f, sd = 0.0f;
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int n = lane * CPT + j;
+        if (n < H) {
+          const int64_t off = row * H + n;
+          const float cv = ldg_f<Tag>(cg + off);
+          const float f = adj ? __fmul_rn(__ldg(p.d + off), __fadd_rn(cv, acc[i][j]))
+                              : tanh_accurate(__fadd_rn(acc[i][j], cv));
+          float* zp = zw + i * KP + n;
+          const float zo = *zp;
+          const float g = f - zo;
+          sn = fmaf(g, g, sn);
+          sd = fmaf(f, f, sd);
+          *zp = exact ? f : fmaf(damp, g, zo);
+        }
+      }
+      sn = warp_sum(sn);  // xor butterfly: the same bits in every lane
+      sd = warp_sum(sd);
+      const double res = div_nonneg(sqrt(static_cast<double>(sn)), sqrt(static_cast<double>(sd)) + p.eps);
+      iters_r[i] = it;
+      res_r[i] = static_cast<float>(res);
+      if (res < p.tol) mask &= ~(1u << i);
+    }
+    __syncwarp();  // the new iterate is visible to every lane
+  }
+
+  S* zg = static_cast<S*>(p.z);
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    if (rows[i] < 0) continue;
+    for (int n = lane; n < H; n += 32) zg[rows[i] * H + n] = Tag::from_float(zw[i * KP + n]);
+    if (lane == 0) {
+      p.iters[rows[i]] = iters_r[i];
+      p.residual[rows[i]] = res_r[i];
+      p.converged[rows[i]] = ((mask >> i) & 1u) ? 0 : 1;
+    }
+  }
+}
+
+// Variant of the H <= 128 solve, from DYNALAY_CUDA_SOLVE (read once): "block" (the block kernel
+// above), or "r<RPT>w<WARPS>" for the warp kernel: r8w8 (the default), r4w8, r8w4, r16w4.
+enum Variant { kBlock = 0, kR8W8, kR4W8, kR8W4, kR16W4 };
+
+int variant() {
+  static const int v = [] {
+    const char* e = std::getenv("DYNALAY_CUDA_SOLVE");
+    if (e == nullptr || e[0] == '\0') return static_cast<int>(kR8W8);
+    const std::string s(e);
+    if (s == "block") return static_cast<int>(kBlock);
+    if (s == "r4w8") return static_cast<int>(kR4W8);
+    if (s == "r8w4") return static_cast<int>(kR8W4);
+    if (s == "r16w4") return static_cast<int>(kR16W4);
+    return static_cast<int>(kR8W8);  // "r8w8" and anything unknown
+  }();
+  return v;
+}
+
+int warp_block_m(int v) {
+  switch (v) {
+    case kR4W8: return 32;
+    case kR8W4: return 32;
+    case kR16W4: return 64;
+    default: return 64;  // kR8W8
+  }
+}
+
 // ---- configurations by H ----------------------------------------------------------------------
 //   H <=   32: BM 32, 32 x 8 threads, 1 column/thread   (M in shared memory)
 //   H <=   64: BM 32, 64 x 4 threads, 1 column/thread   (M in shared memory)
@@ -232,12 +416,14 @@ __global__ void __launch_bounds__(TX * TY) fp_solve_kernel(const DynalayFpSolveP
 //   H <= 1024: BM 16, 256 x 1 threads, 4 columns/thread (M through L2)
 int block_m_for(int H) {
   if (H < 1 || H > kMaxH) return -1;
+  if (H <= 128 && variant() != kBlock) return warp_block_m(variant());
   return H <= 256 ? 32 : 16;
 }
 
-template <class Tag, int BM, int TX, int TY, int CPT, bool MSMEM>
-cudaError_t run_config(const DynalayFpSolveParams& p, cudaStream_t stream, size_t dyn_bytes, int smem_optin) {
-  auto kernel = fp_solve_kernel<Tag, BM, TX, TY, CPT, MSMEM>;
+// Launch one solve kernel over the tiles: opt in to `dyn_bytes` of dynamic shared memory (refused
+// when it and the kernel's static part exceed the device's per-block limit).
+cudaError_t run_kernel(void (*kernel)(DynalayFpSolveParams), const DynalayFpSolveParams& p, cudaStream_t stream,
+                       int BM, int threads, size_t dyn_bytes, int smem_optin) {
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
@@ -247,8 +433,28 @@ cudaError_t run_config(const DynalayFpSolveParams& p, cudaStream_t stream, size_
   const int64_t grid = p.tile_layer != nullptr ? static_cast<int64_t>(p.num_tiles) : (p.B + BM - 1) / BM;
   if (grid <= 0) return cudaSuccess;
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  kernel<<<static_cast<unsigned>(grid), TX * TY, dyn_bytes, stream>>>(p);
+  kernel<<<static_cast<unsigned>(grid), threads, dyn_bytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <class Tag, int BM, int TX, int TY, int CPT, bool MSMEM>
+cudaError_t run_config(const DynalayFpSolveParams& p, cudaStream_t stream, size_t dyn_bytes, int smem_optin) {
+  return run_kernel(fp_solve_kernel<Tag, BM, TX, TY, CPT, MSMEM>, p, stream, BM, TX * TY, dyn_bytes, smem_optin);
+}
+
+template <class Tag, int CPT, int RPT, int WARPS>
+cudaError_t run_warp(const DynalayFpSolveParams& p, cudaStream_t stream, int smem_optin) {
+  const size_t KP = static_cast<size_t>((p.H + 3) & ~3);
+  const size_t dyn = (KP * 32 * CPT + static_cast<size_t>(RPT) * WARPS * KP) * sizeof(float);
+  return run_kernel(fp_solve_warp_kernel<Tag, CPT, RPT, WARPS>, p, stream, RPT * WARPS, WARPS * 32, dyn,
+                    smem_optin);
+}
+
+template <class Tag, int RPT, int WARPS>
+cudaError_t run_warp_h(const DynalayFpSolveParams& p, cudaStream_t stream, int smem_optin) {
+  if (p.H <= 32) return run_warp<Tag, 1, RPT, WARPS>(p, stream, smem_optin);
+  if (p.H <= 64) return run_warp<Tag, 2, RPT, WARPS>(p, stream, smem_optin);
+  return run_warp<Tag, 4, RPT, WARPS>(p, stream, smem_optin);
 }
 
 template <class Tag>
@@ -274,6 +480,14 @@ cudaError_t launch(const DynalayFpSolveParams* pp, cudaStream_t stream) {
   const size_t m_bytes = HP * static_cast<size_t>(H) * sizeof(typename Tag::S);
   // Room for the static shared memory (< 4 KB) besides the dynamic part.
   const bool m_fits = m_bytes <= kMsmemMaxBytes && z_bytes + m_bytes + 4096 <= static_cast<size_t>(optin);
+  if (H <= 128 && variant() != kBlock) {
+    switch (variant()) {
+      case kR4W8: return run_warp_h<Tag, 4, 8>(p, stream, optin);
+      case kR8W4: return run_warp_h<Tag, 8, 4>(p, stream, optin);
+      case kR16W4: return run_warp_h<Tag, 16, 4>(p, stream, optin);
+      default: return run_warp_h<Tag, 8, 8>(p, stream, optin);
+    }
+  }
   if (H <= 32) return run_config<Tag, 32, 32, 8, 1, true>(p, stream, z_bytes + m_bytes, optin);
   if (H <= 64) return run_config<Tag, 32, 64, 4, 1, true>(p, stream, z_bytes + m_bytes, optin);
   if (H <= 128 && m_fits) return run_config<Tag, 32, 128, 2, 1, true>(p, stream, z_bytes + m_bytes, optin);

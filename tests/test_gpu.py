@@ -138,3 +138,54 @@ def test_fpilayer_on_cuda():
     z = layer(x)
     z.sum().backward()
     assert layer.last_stats.converged.all() and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("B,L,BM", [(1, 1, 16), (4096, 4, 16), (65536, 4, 16), (3001, 7, 64), (20000, 16, 32)])
+def test_triton_route_kernels_on_cuda(B, L, BM, gen):
+    from dynalay.backends import triton as tb
+    from dynalay.ops.dispatch import route_impl
+    for kind in ("uniform", "skew", "allnop", "onelayer"):
+        a = make_actions(kind, B, L, gen).to(DEV)
+        for x, y in zip(route_impl(a, L, BM), tb.route_tables(a, L, BM)):
+            assert x.dtype == y.dtype and torch.equal(x, y), kind
+
+
+@pytest.mark.parametrize("be", ["triton", "cuda"])
+def test_dynamic_step_captured_in_a_cuda_graph(be, gen):
+    """No host sync inside the op: forward+backward capture in one CUDA graph, and a replay with
+    new actions (copied into the captured tensor) matches eager (the routing is recomputed)."""
+    if backends.not_supported_reasons(be, "cuda", torch.float32):
+        pytest.skip(f"backend {be} cannot run here")
+    B, H, L = 1000, 64, 4
+    params = [p.to(DEV) for p in make_step_params(B, H, L, torch.float32, gen)]
+    G = torch.randn(B, H, device=DEV)
+    a = make_actions("uniform", B, L, gen).to(DEV)
+    ps = [p.clone().requires_grad_() for p in params]
+
+    def step():
+        for p in ps:
+            p.grad = None
+        r = dynalay.dynamic_step(ps[0], a, *ps[1:], backend=be, check="none")
+        (r.h * G).sum().backward()
+        return r.h
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h_out = step()
+    grads = [p.grad for p in ps]
+    for kind in ("skew", "nop90", "allnop"):
+        a.copy_(make_actions(kind, B, L, gen).to(DEV))
+        graph.replay()
+        torch.cuda.synchronize()
+        qs = [p.clone().requires_grad_() for p in params]
+        ref = dynalay.dynamic_step(qs[0], a, *qs[1:], backend=be)
+        (ref.h * G).sum().backward()
+        assert torch.equal(h_out, ref.h.detach()), kind
+        for x, q in zip(grads, qs):
+            assert torch.equal(x, q.grad), kind

@@ -134,3 +134,65 @@ def test_other_launch_configurations_are_correct(fast, tiled, gen):
         assert torch.equal(t.iters, a.iters) and (t.h - a.h).abs().max() < 1e-12
     finally:
         tb.set_solve_config()
+
+
+def test_routing_is_reused_within_a_step_and_recomputed_after_an_in_place_change(gen):
+    """The triton backend caches the routing of an actions tensor (forward projection, solve and
+    the backward's launches share it); an in-place change of the actions must not reuse it."""
+    from dynalay.backends import triton as tb
+    L, B, H = 3, 37, 20
+    h = torch.randn(B, H, generator=gen, dtype=torch.float64)
+    U = torch.randn(L, H, H, generator=gen, dtype=torch.float64) / H ** 0.5
+    W = torch.stack([make_W(H, gen=gen) for _ in range(L)])
+    b = 0.1 * torch.randn(L, H, generator=gen, dtype=torch.float64)
+    a = torch.randint(0, L + 1, (B,), generator=gen)
+    r1 = tb._route(a, L, 16)
+    assert tb._route(a, L, 16) is r1                       # same tensor, same version: reused
+    assert tb._route(a, L, 32, any_block=True) is r1        # perm/offsets of any tile size will do
+    assert tb._route(a, L, 32) is not r1                    # tile tables for another block size
+    for _ in range(2):
+        ps = [t.clone().requires_grad_() for t in (h, U, W, b)]
+        got = dynalay.dynamic_step(ps[0], a, *ps[1:], backend="triton")
+        (got.h * h).sum().backward()
+        qs = [t.clone().requires_grad_() for t in (h, U, W, b)]
+        ref = dynalay.dynamic_step(qs[0], a, *qs[1:], backend="torch")
+        (ref.h * h).sum().backward()
+        assert (got.h - ref.h).abs().max() < 1e-12
+        assert torch.equal(got.iters, ref.iters)
+        for p, q in zip(ps, qs):
+            assert (p.grad - q.grad).abs().max() < 1e-9
+        a.copy_(torch.flip(a, [0]).remainder(L + 1))        # in place: a new version, a new routing
+    assert tb._route(a, L, 16) is not r1
+    ref = dynalay.route(a, L, 16)
+    for x, y in zip(tb._route(a, L, 16), ref):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("B,L,BM", [(1, 1, 16), (17, 3, 16), (1024, 4, 16), (1025, 4, 32), (3000, 7, 64),
+                                    (2500, 8, 16)])
+def test_route_kernels_match_route_impl(B, L, BM, gen):
+    """The two-launch Triton routing equals the sort-based reference (uniform, skewed, all-NOP and
+    all-on-one-layer actions, chunk boundaries, L+1 not a power of two and a power of two)."""
+    from dynalay.backends import triton as tb
+    from dynalay.ops.dispatch import route_impl
+    cases = [torch.randint(0, L + 1, (B,), generator=gen),
+             torch.where(torch.rand(B, generator=gen) < 0.9, 0, torch.randint(0, L + 1, (B,), generator=gen)),
+             torch.full((B,), L), torch.full((B,), L - 1)]
+    for a in cases:
+        for x, y in zip(route_impl(a, L, BM), tb.route_tables(a, L, BM)):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def test_route_kernels_route_out_of_range_actions_as_nop(gen):
+    """check="none" skips the range check: an invalid action must not corrupt the permutation."""
+    from dynalay.backends import triton as tb
+    from dynalay.ops.dispatch import route_impl
+    L, B = 3, 50
+    a = torch.randint(0, L + 1, (B,), generator=gen)
+    bad = a.clone()
+    bad[[3, 17, 40]] = torch.tensor([-1, L + 1, 99])
+    fixed = torch.where((bad < 0) | (bad > L), torch.full_like(bad, L), bad)
+    got = tb.route_tables(bad, L, 16)
+    for x, y in zip(route_impl(fixed, L, 16), got):
+        assert torch.equal(x, y)
+    assert torch.equal(got[2].sort().values, torch.arange(B))

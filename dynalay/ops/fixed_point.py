@@ -61,10 +61,12 @@ def _fixed_point_adjoint_impl(z: Tensor, g: Tensor, W: Tensor, actions: Optional
                         solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float,
                         backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     cd = compute_dtype(z.dtype)
-    zc = z.to(cd)
-    d = 1.0 - zc * zc
     cfg = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps)
-    u, it, res, conv = run_solve(backend, g.to(cd), W, d, actions, None, True, cfg)
+    if backend == "triton":  # d = 1 - z*^2 inside the kernel
+        u, it, res, conv = backends.get("triton").fp_solve(g.to(cd), W, z, actions, None, True, *cfg, d_is_z=True)
+    else:
+        zc = z.to(cd)
+        u, it, res, conv = run_solve(backend, g.to(cd), W, 1.0 - zc * zc, actions, None, True, cfg)
     return u.to(cd), it, res.to(cd), conv
 
 

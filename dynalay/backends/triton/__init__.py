@@ -14,8 +14,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-from ...ops.dispatch import route_impl
+from ...ops.dispatch import num_tiles_bound, route_impl
 from . import kernels as K
 
 _PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -104,13 +105,71 @@ def solve_config(H: int, dtype: torch.dtype) -> Tuple[bool, int, int, int]:
     return False, bm, bn, warps
 
 
-def _route(actions: Tensor, L: int, BM: int):
-    return route_impl(actions, L, BM)
+# Routing of an actions tensor, reused by the other launches of the same step (the forward's
+# projection and solve, the backward's adjoint solve, transposed projection and weight gradients):
+# actions tensor -> {(L, BM): (version, routing)}.  An in-place change of the actions (a new
+# version) misses; entries die with the tensor.  Never read or written while a CUDA graph is being
+# captured: the capture must record the routing kernels, since a replay may see new actions.
+_route_cache = WeakIdKeyDictionary()
+
+
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _route(actions: Tensor, L: int, BM: int, any_block: bool = False):
+    """Routing tables of ``actions`` for ``BM``-row tiles (``any_block``: only perm/offsets are
+    needed, so a cached routing of any tile size will do)."""
+    if _capturing(actions):
+        return route_tables(actions, L, BM)
+    ent = _route_cache.get(actions)
+    ver = actions._version
+    if ent is not None:
+        hit = ent.get((L, BM))
+        if hit is None and any_block:
+            hit = next((v for (l_, _), v in ent.items() if l_ == L and v[0] == ver), None)
+        if hit is not None and hit[0] == ver:
+            return hit[1]
+    else:
+        ent = {}
+        _route_cache[actions] = ent
+    r = route_tables(actions, L, BM)
+    ent[(L, BM)] = (ver, r)
+    return r
+
+
+def route_tables(actions: Tensor, L: int, BM: int):
+    """``dynalay.ops.dispatch.route_impl`` in two Triton launches (a per-chunk group count, then
+    one pass that places every row stably and writes the tile tables): no sort, no host sync, no
+    atomics.  Same outputs for valid actions (tested); an action outside [0, L] (possible only with
+    check="none") is routed as NOP."""
+    B = actions.shape[0]
+    if B == 0 or B >= 2 ** 31 or not (actions.is_cuda or _interp()):
+        return route_impl(actions, L, BM)
+    actions = actions.contiguous()
+    dev = actions.device
+    LP = max(2, _np2(L + 1))
+    CHUNK = max(16, min(1024, _np2(B), 16384 // LP))
+    NCH = triton_cdiv(B, CHUNK)
+    T = num_tiles_bound(B, L, BM)
+    i32, i64 = torch.int32, torch.int64
+    cc = torch.empty(NCH, LP, device=dev, dtype=i32)
+    counts = torch.empty(L + 1, device=dev, dtype=i64)
+    offsets = torch.empty(L + 2, device=dev, dtype=i64)
+    perm = torch.empty(B, device=dev, dtype=i64)
+    tile_layer = torch.empty(T, device=dev, dtype=i32)
+    tile_start = torch.empty(T, device=dev, dtype=i32)
+    num_tiles = torch.empty(1, device=dev, dtype=i32)
+    K._route_count_kernel[(NCH,)](actions, cc, B, L, LP=LP, CHUNK=CHUNK, num_warps=4)
+    K._route_place_kernel[(max(NCH, triton_cdiv(T, CHUNK)),)](
+        actions, cc, counts, offsets, perm, tile_layer, tile_start, num_tiles, B, T, L, NCH, BM=BM, LP=LP,
+        CHUNK=CHUNK, NCB=min(64, max(2, _np2(NCH))), num_warps=4)
+    return counts, offsets, perm, tile_layer, tile_start, num_tiles
 
 
 def _launch_solve(C: Tensor, W: Tensor, D: Optional[Tensor], Z0: Optional[Tensor], Z: Tensor, ITERS: Tensor,
                   RES: Tensor, CONV: Tensor, routing, adjoint: bool, tol: float, max_iter: int, damping: float,
-                  eps: float) -> None:
+                  eps: float, d_is_z: bool = False) -> None:
     B, H = C.shape
     if B == 0:
         return
@@ -128,7 +187,7 @@ def _launch_solve(C: Tensor, W: Tensor, D: Optional[Tensor], Z0: Optional[Tensor
     d = D if D is not None else C
     z0 = Z0 if Z0 is not None else C
     common = dict(ADJOINT=adjoint, HAS_Z0=Z0 is not None, GROUPED=grouped, EXACT=damping == 1.0, IS_F64=is_f64,
-                  BM=BM, PREC=_prec(C.dtype), USE_LIBDEVICE=not _interp(), num_warps=warps)
+                  BM=BM, PREC=_prec(C.dtype), USE_LIBDEVICE=not _interp(), D_IS_Z=d_is_z, num_warps=warps)
     if fast:
         K._fp_solve_kernel[grid](C, W, d, z0, Z, ITERS, RES, CONV, perm, tile_layer, tile_start, offsets,
                                  num_tiles, B, H, float(tol), float(eps), float(damping), int(max_iter),
@@ -154,13 +213,19 @@ def _outputs(C: Tensor, out_dtype: torch.dtype, actions: Optional[Tensor], L: in
         Z = z_init.to(out_dtype).clone() if z_init is not None else torch.zeros(B, H, device=C.device,
                                                                                dtype=out_dtype)
         CONV = actions == L
-    ITERS = torch.zeros(B, device=C.device, dtype=torch.int32)
-    RES = torch.zeros(B, device=C.device, dtype=cd)
+    # every row of a non-grouped solve is written by the kernel; NOP rows (0 iterations, residual 0)
+    # are in no tile
+    alloc = torch.empty if actions is None else torch.zeros
+    ITERS = alloc(B, device=C.device, dtype=torch.int32)
+    RES = alloc(B, device=C.device, dtype=cd)
     return Z, ITERS, RES, CONV
 
 
 def fp_solve(c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor], z0: Optional[Tensor],
-             adjoint: bool, tol: float, max_iter: int, solver: str, damping: float, m: int, lam: float, eps: float):
+             adjoint: bool, tol: float, max_iter: int, solver: str, damping: float, m: int, lam: float, eps: float,
+             d_is_z: bool = False):
+    """The grouped solve (see kernels.py).  ``d_is_z``: ``d`` holds the forward's z* (any float
+    dtype) and the adjoint uses 1 - z*^2, computed in the kernel (no separate elementwise pass)."""
     if solver != "picard":
         raise RuntimeError("dynalay triton backend: only solver='picard' is implemented")
     c, W = c.contiguous(), W.contiguous()
@@ -172,7 +237,7 @@ def fp_solve(c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor
     if actions is not None:
         _, BM, _, _ = solve_config(c.shape[1], W.dtype)
         routing = _route(actions, L, BM)
-    _launch_solve(c, W, d, z0, Z, ITERS, RES, CONV, routing, adjoint, tol, max_iter, damping, eps)
+    _launch_solve(c, W, d, z0, Z, ITERS, RES, CONV, routing, adjoint, tol, max_iter, damping, eps, d_is_z)
     return Z, ITERS, RES, CONV
 
 
@@ -197,7 +262,7 @@ def grouped_linear(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, t
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = torch.zeros(x.shape[0], N, device=x.device, dtype=cd)
     if x.shape[0]:
-        BM = 32
+        _, BM, _, _ = solve_config(N, x.dtype)  # the solve's tiles: one routing serves both
         _launch_linear(x, U, b, y, _route(actions, L, BM), transpose, BM)
     return y
 
@@ -208,7 +273,7 @@ def grouped_wgrad(u: Tensor, x: Tensor, actions: Optional[Tensor], num_layers: i
     u, x = u.contiguous(), x.contiguous()
     N, Kd = u.shape[1], x.shape[1]
     out = torch.empty(num_layers, N, Kd, device=u.device, dtype=u.dtype)
-    _, offsets, perm, _, _, _ = _route(actions, num_layers, 32)
+    _, offsets, perm, _, _, _ = _route(actions, num_layers, 32, any_block=True)
     BN = min(64, max(16, _np2(N)))
     BK = min(64, max(16, _np2(Kd)))
     grid = (num_layers, triton_cdiv(N, BN), triton_cdiv(Kd, BK))

@@ -75,7 +75,7 @@ def _fp_solve_kernel(C, W, D, Z0, Z, ITERS, RES, CONV, PERM, TILE_LAYER, TILE_ST
                      B, H, tol, eps, damping, max_iter,
                      ADJOINT: tl.constexpr, HAS_Z0: tl.constexpr, GROUPED: tl.constexpr, EXACT: tl.constexpr,
                      IS_F64: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                     USE_LIBDEVICE: tl.constexpr):
+                     USE_LIBDEVICE: tl.constexpr, D_IS_Z: tl.constexpr):
     pid = tl.program_id(0)
     if GROUPED:
         if pid >= tl.load(NUM_TILES):
@@ -95,6 +95,8 @@ def _fp_solve_kernel(C, W, D, Z0, Z, ITERS, RES, CONV, PERM, TILE_LAYER, TILE_ST
     c = _up(tl.load(C + ptrs, mask=m2, other=0.0), IS_F64)
     if ADJOINT:
         d = _up(tl.load(D + ptrs, mask=m2, other=0.0), IS_F64)
+        if D_IS_Z:  # D holds the forward's z*: d = 1 - z*^2, the tanh derivative
+            d = 1.0 - d * d
     if HAS_Z0:
         z = _up(tl.load(Z0 + ptrs, mask=m2, other=0.0), IS_F64)
     else:
@@ -136,7 +138,7 @@ def _fp_solve_tiled_kernel(C, W, D, Z0, Z, ITERS, RES, CONV, PERM, TILE_LAYER, T
                            SCR, B, H, tol, eps, damping, max_iter,
                            ADJOINT: tl.constexpr, HAS_Z0: tl.constexpr, GROUPED: tl.constexpr,
                            EXACT: tl.constexpr, IS_F64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+                           BK: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr, D_IS_Z: tl.constexpr):
     """Large H: per iteration, loop over N tiles (and K tiles inside); the iterate of the tile's
     rows lives in a (2, B, H) ping-pong scratch ``SCR`` (fp32) that only this program touches."""
     pid = tl.program_id(0)
@@ -185,6 +187,8 @@ def _fp_solve_tiled_kernel(C, W, D, Z0, Z, ITERS, RES, CONV, PERM, TILE_LAYER, T
             cv = _up(tl.load(C + ptrs, mask=m2, other=0.0), IS_F64)
             if ADJOINT:
                 dv = _up(tl.load(D + ptrs, mask=m2, other=0.0), IS_F64)
+                if D_IS_Z:
+                    dv = 1.0 - dv * dv
                 fz = dv * (cv + acc)
             else:
                 fz = _tanh(acc + cv, USE_LIBDEVICE)
@@ -271,3 +275,69 @@ def _grouped_wgrad_kernel(Ug, X, OUT, PERM, OFFSETS, N, K, IS_F64: tl.constexpr,
     out = OUT + layer.to(tl.int64) * N * K
     tl.store(out + cn[:, None] * K + ck[None, :], acc.to(OUT.dtype.element_ty),
              mask=nmask[:, None] & kmask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# Routing (dynalay.ops.dispatch.route_impl in two launches, no host sync, no atomics)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _route_chunk_onehot(A, c, B, L, LP: tl.constexpr, CHUNK: tl.constexpr):
+    """Rows of chunk ``c``, their validity, and the (CHUNK, LP) one-hot of their group (an action
+    outside [0, L], possible only with check="none", counts as NOP: perm stays a permutation)."""
+    i = c * CHUNK + tl.arange(0, CHUNK)
+    valid = i < B
+    a = tl.load(A + i, mask=valid, other=0)
+    a = tl.where((a < 0) | (a > L), L, a).to(tl.int32)
+    lanes = tl.arange(0, LP)
+    onehot = ((a[:, None] == lanes[None, :]) & valid[:, None]).to(tl.int32)
+    return i, valid, onehot
+
+
+@triton.jit
+def _route_count_kernel(A, CC, B, L, LP: tl.constexpr, CHUNK: tl.constexpr):
+    """CC[c, l] = rows of chunk c in group l."""
+    c = tl.program_id(0)
+    _, _, onehot = _route_chunk_onehot(A, c, B, L, LP, CHUNK)
+    tl.store(CC + c * LP + tl.arange(0, LP), tl.sum(onehot, axis=0))
+
+
+@triton.jit
+def _route_place_kernel(A, CC, COUNTS, OFFSETS, PERM, TILE_LAYER, TILE_START, NUM_TILES, B, T, L, NCH,
+                        BM: tl.constexpr, LP: tl.constexpr, CHUNK: tl.constexpr, NCB: tl.constexpr):
+    """Program p: the group totals and chunk p's base (sums over CC, fixed order), then the stable
+    positions of chunk p's rows (perm), the entries of tiles [p*CHUNK, p*CHUNK+CHUNK), and (p == 0)
+    counts, offsets and the number of tiles in use."""
+    p = tl.program_id(0)
+    lanes = tl.arange(0, LP)
+    cb = tl.arange(0, NCB)
+    tot = tl.zeros([LP], dtype=tl.int32)
+    before = tl.zeros([LP], dtype=tl.int32)
+    for c0 in range(0, NCH, NCB):
+        cc = c0 + cb
+        blk = tl.load(CC + cc[:, None] * LP + lanes[None, :], mask=(cc < NCH)[:, None], other=0)
+        tot += tl.sum(blk, axis=0)
+        before += tl.sum(tl.where((cc < p)[:, None], blk, 0), axis=0)
+    excl = tl.cumsum(tot, axis=0) - tot  # offsets[l] = rows in groups < l
+    if p < NCH:
+        i, valid, onehot = _route_chunk_onehot(A, p, B, L, LP, CHUNK)
+        rank = tl.cumsum(onehot, axis=0) - onehot
+        pos = tl.sum((rank + (excl + before)[None, :]) * onehot, axis=1)
+        tl.store(PERM + pos, i.to(tl.int64), mask=valid)
+    tiles_per = tl.where(lanes < L, (tot + BM - 1) // BM, 0)
+    tend = tl.cumsum(tiles_per, axis=0)
+    tstart = tend - tiles_per
+    t = p * CHUNK + tl.arange(0, CHUNK)
+    if p * CHUNK < T:
+        layer = tl.sum(((tend[None, :] <= t[:, None]) & (lanes[None, :] < L)).to(tl.int32), axis=1)
+        inuse = layer < L
+        sel = lanes[None, :] == layer[:, None]
+        off_l = tl.sum(tl.where(sel, excl[None, :], 0), axis=1)
+        ts_l = tl.sum(tl.where(sel, tstart[None, :], 0), axis=1)
+        tmask = t < T
+        tl.store(TILE_LAYER + t, tl.where(inuse, layer, -1), mask=tmask)
+        tl.store(TILE_START + t, tl.where(inuse, off_l + (t - ts_l) * BM, 0), mask=tmask)
+    if p == 0:
+        tl.store(COUNTS + lanes, tot.to(tl.int64), mask=lanes <= L)
+        tl.store(OFFSETS + lanes, excl.to(tl.int64), mask=lanes <= L)
+        tl.store(OFFSETS + L + 1, (tl.sum(tot, axis=0)).to(tl.int64))
+        tl.store(NUM_TILES, tl.sum(tiles_per, axis=0))
