@@ -183,7 +183,7 @@ def profile_fwdbwd(args):
     """Where the time goes, per call: wall (do_bench), GPU kernel time and kernel count (profiler),
     adjoint iterations; fixed point 8192x128 and dynamic_step 4096x128 (L=4, uniform), fp32."""
     from torch.profiler import ProfilerActivity, profile
-    from dynalay.ops import fixed_point as fpm
+    stats = dynalay.ops.last_backward_stats
     inj, W = problem(8192, 128)
     G = torch.randn_like(inj)
     L, B, H = 4, 4096, 128
@@ -221,20 +221,78 @@ def profile_fwdbwd(args):
                 kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
                 gpu_ms = sum(e.device_time for e in kern) / 5 / 1e3
                 info = ""
-                if name.endswith("fwdbwd") and fpm.last_backward_stats:
-                    it = fpm.last_backward_stats["iters"].float()
-                    conv = fpm.last_backward_stats["converged"].float()
+                if name.endswith("fwdbwd") and stats:
+                    it = stats["iters"].float()
+                    conv = stats["converged"].float()
                     info = f"adjoint iters mean {float(it.mean()):.1f} max {int(it.max())} converged {float(conv.mean()):.3f}"
                 print(f"PROFILE {be:6s} {name:12s} wall {ms:.3f} ms  gpu {gpu_ms:.3f} ms  kernels/call "
                       f"{len(kern) / 5:.0f}  {info}", flush=True)
-                if be == "triton" and name in ("fp fwdbwd", "step fwdbwd"):
+                if name in ("fp fwdbwd", "step fwdbwd"):
                     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"PROFILE {be} {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
+PROBE_FAST = ((16, 4), (16, 8), (32, 8), (16, 16), (32, 16), (64, 16))
+PROBE_TILED = ((32, 64, 4), (64, 64, 4), (64, 64, 8), (32, 128, 4), (64, 128, 8), (16, 128, 4))
+
+
+def probe_one():
+    """(In a subprocess) time the Triton solve at B=8192, H=64/128 fp32 for resident-W and forced
+    tiled configurations with the ptxas this process was given (TRITON_PTXAS_PATH)."""
+    out = {}
+    for H in (64, 128):
+        inj, W = problem(8192, H)
+        ref = dynalay.fixed_point(inj, W, backend="torch", check="none")
+        for kind, cfgs in (("fast", PROBE_FAST), ("tiled", PROBE_TILED)):
+            for cfg in cfgs:
+                tb.FAST_PATH_MAX_H = 128 if kind == "fast" else 8
+                tb.set_solve_config(**{kind: cfg})
+                key = f"{H} {kind} {cfg}"
+                try:
+                    r = dynalay.fixed_point(inj, W, backend="triton", check="none")
+                    ok = bool((r.z - ref.z).abs().max() < 1e-4)
+                    call = lambda: dynalay.fixed_point(inj, W, backend="triton", check="none")
+                    out[key] = (round(bench(call), 4), ok)
+                except Exception as e:  # noqa: BLE001
+                    out[key] = (None, f"{type(e).__name__}: {str(e)[:120]}")
+        tb.FAST_PATH_MAX_H = 128
+        tb.set_solve_config()
+    print("PROBE_ONE " + json.dumps(out), flush=True)
+
+
+def probe_ptxas():
+    """The same Triton kernels compiled by Triton's bundled ptxas and by torch's (which
+    torch.compile installs in-process through TRITON_PTXAS_PATH), each in a fresh cache."""
+    import subprocess
+    import tempfile
+    tp = os.path.join(os.path.dirname(torch.__file__), "bin", "ptxas")
+    for name, path in (("triton", None), ("torch", tp if os.path.exists(tp) else None)):
+        if name == "torch" and path is None:
+            print("PROBE torch/bin/ptxas not found", flush=True)
+            continue
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_PTXAS_PATH"}
+        env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"tc_{name}_")
+        if path:
+            env["TRITON_PTXAS_PATH"] = path
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe-one"], env=env, capture_output=True,
+                           text=True, timeout=300)
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("PROBE_ONE ")]
+        res = json.loads(line[0][10:]) if line else {"error": (r.stderr or r.stdout)[-800:]}
+        for k, v in res.items():
+            print(f"PROBE ptxas={name} {k}: {v}", flush=True)
+
+
 if __name__ == "__main__":
     if "--cuda-one" in sys.argv:
         cuda_one()
+    elif "--probe-one" in sys.argv:
+        probe_one()
+    elif "--probe" in sys.argv:
+        probe_ptxas()
+        try:
+            profile_fwdbwd(None)
+        except Exception as e:  # noqa: BLE001
+            print(f"profile failed: {e}", flush=True)
     else:
         main()

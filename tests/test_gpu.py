@@ -89,8 +89,12 @@ def test_triton_dynamic_step(kind, H, gen):
         (r.h * G).sum().backward()
         out[be] = (r, [p.grad for p in ps])
     (ra, ga), (rt, gt) = out["torch"], out["triton"]
-    assert (rt.h - ra.h).abs().max() < 1e-4
-    assert (rt.iters.long() - ra.iters.long()).abs().max() <= 1
+    # a row that stops one iteration apart (fp32 rounding at the tol boundary) differs by about
+    # one step, ~tol * |z|: only rows with equal counts are held to 1e-4
+    same = rt.iters == ra.iters
+    assert (rt.iters.long() - ra.iters.long()).abs().max() <= 1 and same.float().mean() > 0.99
+    assert (rt.h - ra.h)[same].abs().max() < 1e-4
+    assert (rt.h - ra.h).abs().max() < 1e-3
     assert torch.equal(rt.converged, ra.converged)
     nop = a == L
     assert torch.equal(rt.h[nop], params[0][nop])
