@@ -380,29 +380,32 @@ __global__ void __launch_bounds__(WARPS * 32) fp_solve_warp_kernel(const Dynalay
 }
 
 // Variant of the H <= 128 solve, from DYNALAY_CUDA_SOLVE (read once): "block" (the block kernel
-// above), or "r<RPT>w<WARPS>" for the warp kernel: r8w8 (the default), r4w8, r8w4, r16w4.
+// above), or "r<RPT>w<WARPS>" for the warp kernel: r4w8 (the default), r8w8, r8w4, r16w4; an empty or
+// unknown value means the default.  H200 sweep (benchmarks/gpu_tune.py, fp32 fwd, ms, B x H):
+//   8192x64 / 8192x128 / 65536x128:  block 0.097/0.246/1.884  r8w8 0.077/0.153/1.135
+//   r4w8 0.059/0.121/0.885  r8w4 0.112/0.158/1.167  r16w4 0.145/0.256/1.352
 enum Variant { kBlock = 0, kR8W8, kR4W8, kR8W4, kR16W4 };
 
 int variant() {
   static const int v = [] {
     const char* e = std::getenv("DYNALAY_CUDA_SOLVE");
-    if (e == nullptr || e[0] == '\0') return static_cast<int>(kR8W8);
+    if (e == nullptr || e[0] == '\0') return static_cast<int>(kR4W8);
     const std::string s(e);
     if (s == "block") return static_cast<int>(kBlock);
-    if (s == "r4w8") return static_cast<int>(kR4W8);
+    if (s == "r8w8") return static_cast<int>(kR8W8);
     if (s == "r8w4") return static_cast<int>(kR8W4);
     if (s == "r16w4") return static_cast<int>(kR16W4);
-    return static_cast<int>(kR8W8);  // "r8w8" and anything unknown
+    return static_cast<int>(kR4W8);  // "r4w8" and anything unknown
   }();
   return v;
 }
 
 int warp_block_m(int v) {
   switch (v) {
-    case kR4W8: return 32;
+    case kR8W8: return 64;
     case kR8W4: return 32;
     case kR16W4: return 64;
-    default: return 64;  // kR8W8
+    default: return 32;  // kR4W8
   }
 }
 
@@ -482,10 +485,10 @@ cudaError_t launch(const DynalayFpSolveParams* pp, cudaStream_t stream) {
   const bool m_fits = m_bytes <= kMsmemMaxBytes && z_bytes + m_bytes + 4096 <= static_cast<size_t>(optin);
   if (H <= 128 && variant() != kBlock) {
     switch (variant()) {
-      case kR4W8: return run_warp_h<Tag, 4, 8>(p, stream, optin);
+      case kR8W8: return run_warp_h<Tag, 8, 8>(p, stream, optin);
       case kR8W4: return run_warp_h<Tag, 8, 4>(p, stream, optin);
       case kR16W4: return run_warp_h<Tag, 16, 4>(p, stream, optin);
-      default: return run_warp_h<Tag, 8, 8>(p, stream, optin);
+      default: return run_warp_h<Tag, 4, 8>(p, stream, optin);
     }
   }
   if (H <= 32) return run_config<Tag, 32, 32, 8, 1, true>(p, stream, z_bytes + m_bytes, optin);

@@ -261,7 +261,8 @@ def test_eager_path_equals_the_registered_op(backend, backward, gen):
     """dynalay.dynamic_step / fixed_point run an autograd.Function over the registered ops'
     implementation in eager mode (the custom op's Python layer costs ~0.1-0.5 ms per call) and
     the ops themselves under torch.compile: outputs, statistics and gradients must be identical."""
-    from dynalay.ops.dispatch import _DynamicStepFn, _prepare, dynamic_step_op
+    from dynalay.ops.dispatch import _DynamicStepFn, dynamic_step_op
+    from dynalay.ops.dispatch import prepare_solve_args as _prepare
     from dynalay.ops.fixed_point import _FixedPointFn, fixed_point_fwd
     B, H, L = 21, 12, 3
     params = make_step_params(B, H, L, torch.float64, gen)

@@ -394,6 +394,27 @@ def test_env_var_selects_backend(monkeypatch):
         backends.select("cpu", torch.float32)
 
 
+def test_auto_order_on_cuda_is_per_op(monkeypatch):
+    """On CUDA tensors auto prefers the CUDA C++ kernels for fixed_point and Triton for
+    dynamic_step (measured, benchmarks/results/gpu-h200-2026-11-27-s10); each falls back to the
+    other, then to torch.  Checked with every backend reported runnable / cuda unavailable."""
+    monkeypatch.setattr(backends, "_cache", {})
+    monkeypatch.setattr(backends, "not_supported_reasons", lambda name, *a, **k: [])
+    assert backends.select("cuda", torch.float32, op="fixed_point") == "cuda"
+    assert backends.select("cuda", torch.float32, op="dynamic_step") == "triton"
+    assert backends.select("cuda", torch.float32) == "triton"
+    monkeypatch.setattr(backends, "_cache", {})
+    monkeypatch.setattr(backends, "not_supported_reasons",
+                        lambda name, *a, **k: ["no"] if name == "cuda" else [])
+    assert backends.select("cuda", torch.float32, op="fixed_point") == "triton"
+    monkeypatch.setattr(backends, "_cache", {})
+    monkeypatch.setattr(backends, "not_supported_reasons",
+                        lambda name, *a, **k: ["no"] if name in ("cuda", "triton") else [])
+    with warnings.catch_warnings():  # the one-time "falling back to torch" warning
+        warnings.simplefilter("ignore")
+        assert backends.select("cuda", torch.float32, op="dynamic_step") == "torch"
+
+
 def test_cpp_extension_errors_reach_python_as_runtime_errors():
     # the raw C++ op's own argument checks (TORCH_CHECK) must surface as RuntimeError, not crash;
     # run in a subprocess so that a crash fails this test instead of the whole run

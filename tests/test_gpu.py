@@ -132,6 +132,9 @@ def test_triton_tensor_core_precisions(prec, gen):
 
 def test_auto_selection_on_cuda():
     assert backends.select(DEV, torch.float32) in ("triton", "cuda")
+    cuda_ok = not backends.not_supported_reasons("cuda", "cuda", torch.float32)
+    assert backends.select(DEV, torch.float32, op="fixed_point") == ("cuda" if cuda_ok else "triton")
+    assert backends.select(DEV, torch.float32, op="dynamic_step") == "triton"
     assert backends.select(DEV, torch.float32, ("anderson",)) == "torch"
     assert backends.select(DEV, torch.float64) == "torch"
 

@@ -25,6 +25,12 @@ from .. import _ext
 
 NAMES = ("torch", "cpp", "triton", "cuda")
 _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
+# Per-op exceptions, from the H200 measurements of session 10
+# (benchmarks/results/gpu-h200-2026-11-27-s10/): a plain fixed-point solve runs faster on the CUDA
+# C++ kernels (fp32 B=8192: 0.06/0.12 ms at H=64/128 against Triton's 0.08-0.14/0.13, and the
+# lighter C++ call path in fwd+bwd); a dynamic step runs faster on Triton, whose routing is two
+# launches where the C++ glue's is ~20 ATen kernels.
+_AUTO_ORDER_OP = {("cuda", "fixed_point"): ("cuda", "triton", "torch")}
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -110,9 +116,10 @@ def requested_backend(backend: Optional[str] = None) -> str:
 
 
 @torch.compiler.assume_constant_result
-def _select(backend: Optional[str], device_type: str, dtype: torch.dtype, solvers: Tuple[str, ...]) -> str:
+def _select(backend: Optional[str], device_type: str, dtype: torch.dtype, solvers: Tuple[str, ...],
+            op: str = "") -> str:
     requested = requested_backend(backend)
-    key = (requested, device_type, dtype, solvers)
+    key = (requested, device_type, dtype, solvers, op)
     if key in _cache:
         return _cache[key]
     if requested != "auto":
@@ -123,7 +130,7 @@ def _select(backend: Optional[str], device_type: str, dtype: torch.dtype, solver
         _cache[key] = requested
         return requested
     skipped = []
-    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+    for name in _AUTO_ORDER_OP.get((device_type, op), _AUTO_ORDER.get(device_type, ("torch",))):
         if not not_supported_reasons(name, device_type, dtype, solvers):
             missing = [f"{n}: {availability_error(n)}" for n in skipped if availability_error(n)]
             if name == "torch" and missing:
@@ -138,11 +145,12 @@ def _select(backend: Optional[str], device_type: str, dtype: torch.dtype, solver
 
 
 def select(device: torch.device, dtype: torch.dtype, solvers: Tuple[str, ...] = ("picard",),
-           backend: Optional[str] = None) -> str:
+           backend: Optional[str] = None, op: str = "") -> str:
     """Name of the backend that runs a solve on ``device``/``dtype`` with these solvers.
 
-    ``backend`` overrides ``DYNALAY_BACKEND``; ``auto`` picks the fastest that can run."""
-    return _select(backend, torch.device(device).type, dtype, tuple(solvers))
+    ``backend`` overrides ``DYNALAY_BACKEND``; ``auto`` picks the fastest that can run, for ``op``
+    (``"fixed_point"``, ``"dynamic_step"``; empty: the generic order)."""
+    return _select(backend, torch.device(device).type, dtype, tuple(solvers), op)
 
 
 def get(name: str):

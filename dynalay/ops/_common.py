@@ -72,6 +72,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t.to(dtype)``, skipping the call (a dispatcher round trip, ~1.5 us) when ``t`` already
+    has that dtype; None stays None."""
+    return t if (t is None or t.dtype == dtype) else t.to(dtype)
+
+
 def check_tensor(name: str, t, ndim: int, *, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None, floating: bool = True) -> Tensor:
     if not isinstance(t, Tensor):
@@ -145,16 +151,14 @@ def run_solve(backend: str, c: Tensor, W: Tensor, d: Optional[Tensor], actions: 
     be = backends.get(backend)
     if backend in ("torch", "cpp"):
         cd = compute_dtype(c.dtype)
-        c, W = c.to(cd), W.to(cd)
-        d = None if d is None else d.to(cd)
-        z0 = None if z0 is None else z0.to(cd)
+        c, W, d, z0 = cast(c, cd), cast(W, cd), cast(d, cd), cast(z0, cd)
     return be.fp_solve(c, W, d, actions, z0, adjoint, *cfg)
 
 
 def cast_for(backend: str, *ts: Optional[Tensor]):
     if backend not in ("torch", "cpp"):
         return ts
-    return tuple(None if t is None else t.to(compute_dtype(t.dtype)) for t in ts)
+    return tuple(None if t is None else cast(t, compute_dtype(t.dtype)) for t in ts)
 
 
 try:  # the innermost active TorchDispatchMode (fake/proxy tracing: opcheck, make_fx, AOTAutograd)

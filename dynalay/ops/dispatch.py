@@ -10,17 +10,16 @@ Ops (namespace ``dynalay``):
 """
 from __future__ import annotations
 
-import functools
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ._common import (SolverConfig, cast_for, check_finite, check_tensor, compute_dtype, eager_function, report,
-                      run_solve, tracing)
-from .fixed_point import (check_backward_args, fused_implicit_grads, grouped_linear, grouped_wgrad, implicit_grads,
-                          phantom_grads, resolve_backward_config)
+from ._common import (cast, cast_for, check_finite, check_tensor, compute_dtype, eager_function,
+                      report, run_solve, tracing)
+from .fixed_point import (fused_implicit_grads, grouped_linear, grouped_wgrad, implicit_grads, phantom_grads,
+                          prepare_solve_args)
 
 
 class Routing(NamedTuple):
@@ -129,7 +128,7 @@ def _dynamic_step_impl(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tens
                        backend: str, b_backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     cfg = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps)
     h_new, it, conv, res = _step_forward(backend, h, actions, U, W, b, cfg)
-    return h_new.to(h.dtype), it, conv, res.to(compute_dtype(h.dtype))
+    return cast(h_new, h.dtype), it, conv, cast(res, compute_dtype(h.dtype))
 
 
 dynamic_step_op = torch.library.custom_op("dynalay::dynamic_step", mutates_args=())(_dynamic_step_impl)
@@ -154,10 +153,6 @@ def _step_setup(ctx, inputs, output):
     ctx.dtypes = (h.dtype, U.dtype, W.dtype, b.dtype)
 
 
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
-
-
 def _step_backward(ctx, g, g_it, g_conv, g_res):
     nones = (None,) * 20
     if g is None:
@@ -173,7 +168,7 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
         dh, dW, dU, db = fused_implicit_grads(h_new, g, W, actions, h, U, (need_h, need_W, need_U, need_b),
                                               ctx.bcfg, ctx.check)
         dt = ctx.dtypes  # (h, U, W, b)
-        return (_cast(dh, dt[0]), None, _cast(dU, dt[1]), _cast(dW, dt[2]), _cast(db, dt[3])) + nones
+        return (cast(dh, dt[0]), None, cast(dU, dt[1]), cast(dW, dt[2]), cast(db, dt[3])) + nones
     nop = (actions == L).unsqueeze(1)
     gc = g.to(cd)
     gz = torch.where(nop, torch.zeros_like(gc), gc)
@@ -191,23 +186,12 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
         dUb = grouped_wgrad(u, x, actions, L, ctx.backend)
         dU = dUb[..., :H].to(ctx.dtypes[1]) if need_U else None
         db = dUb[..., H].to(ctx.dtypes[3]) if need_b else None
-    dW = dW.to(ctx.dtypes[2]) if (need_W and dW is not None) else None
+    dW = cast(dW, ctx.dtypes[2]) if need_W else None
     return (dh, None, dU, dW, db) + nones
 
 
 dynamic_step_op.register_autograd(_step_backward, setup_context=_step_setup)
 _DynamicStepFn = eager_function(_dynamic_step_impl, _step_setup, _step_backward, "_DynamicStepFn", 5)
-
-
-@functools.lru_cache(maxsize=64)
-def _prepare(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backward, backward_tol, backward_max_iter,
-             backward_solver, phantom_steps, phantom_damping, check) -> tuple:
-    """Validated op arguments for a solver configuration (memoised: a training loop calls the op
-    with the same settings every step; validation errors are raised, never cached)."""
-    cfg = SolverConfig(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps).validate()
-    check_backward_args(backward, phantom_steps, phantom_damping, check)
-    bcfg = resolve_backward_config(cfg, backward_tol, backward_max_iter, backward_solver)
-    return cfg.op_args() + (backward,) + bcfg.op_args() + (int(phantom_steps), float(phantom_damping), check)
 
 
 def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *, tol: float = 1e-4,
@@ -238,14 +222,14 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     check_tensor("b", b, 2, dtype=h.dtype, device=h.device)
     if tuple(b.shape) != (L, H):
         raise ValueError(f"b must have shape ({L}, {H}) (got {tuple(b.shape)})")
-    key = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backward, backward_tol, backward_max_iter,
-           backward_solver, phantom_steps, phantom_damping, check)
-    solve_args = _prepare(*key) if not torch.compiler.is_compiling() else _prepare.__wrapped__(*key)
+    solve_args = prepare_solve_args(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backward,
+                                    backward_tol, backward_max_iter, backward_solver, phantom_steps, phantom_damping,
+                                    check)
     _check_actions(actions, B, L, h.device, check)
     check_finite(check, h=h, U=U, W=W, b=b)
-    be = backends.select(h.device, h.dtype, (solver,), backend)
+    be = backends.select(h.device, h.dtype, (solver,), backend, "dynamic_step")
     b_solver = solve_args[10]
-    b_be = be if b_solver == solver else backends.select(h.device, h.dtype, (b_solver,), backend)
+    b_be = be if b_solver == solver else backends.select(h.device, h.dtype, (b_solver,), backend, "dynamic_step")
     op = dynamic_step_op if tracing(h, actions, U, W, b) else _DynamicStepFn
     h_new, it, conv, res = op(h, actions, U, W, b, *solve_args, be, b_be)
     report("forward", conv, res, max_iter, check)

@@ -15,13 +15,14 @@ Memory kept for backward (implicit): z* only (plus ``inj`` for the phantom gradi
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import (BACKWARDS, CHECKS, SolverConfig, check_choice, check_finite, check_int, check_tensor,
+from ._common import (BACKWARDS, CHECKS, SolverConfig, cast, check_choice, check_finite, check_int, check_tensor,
                       compute_dtype, eager_function, report, run_solve, tracing)
 
 # The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
@@ -63,11 +64,11 @@ def _fixed_point_adjoint_impl(z: Tensor, g: Tensor, W: Tensor, actions: Optional
     cd = compute_dtype(z.dtype)
     cfg = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps)
     if backend == "triton":  # d = 1 - z*^2 inside the kernel
-        u, it, res, conv = backends.get("triton").fp_solve(g.to(cd), W, z, actions, None, True, *cfg, d_is_z=True)
+        u, it, res, conv = backends.get("triton").fp_solve(cast(g, cd), W, z, actions, None, True, *cfg, d_is_z=True)
     else:
-        zc = z.to(cd)
-        u, it, res, conv = run_solve(backend, g.to(cd), W, 1.0 - zc * zc, actions, None, True, cfg)
-    return u.to(cd), it, res.to(cd), conv
+        zc = cast(z, cd)
+        u, it, res, conv = run_solve(backend, cast(g, cd), W, 1.0 - zc * zc, actions, None, True, cfg)
+    return cast(u, cd), it, cast(res, cd), conv
 
 
 _fixed_point_adjoint_op, fixed_point_adjoint = _register("fixed_point_adjoint", _fixed_point_adjoint_impl)
@@ -87,8 +88,8 @@ def _(z, g, W, actions, tol, max_iter, solver, damping, anderson_m, anderson_lam
 # --------------------------------------------------------------------------------------------
 def _grouped_wgrad_impl(u: Tensor, x: Tensor, actions: Optional[Tensor], num_layers: int, backend: str) -> Tensor:
     cd = compute_dtype(u.dtype)
-    out = backends.get(backend).grouped_wgrad(u.to(cd), x.to(cd), actions, num_layers)
-    return out.to(cd)
+    out = backends.get(backend).grouped_wgrad(cast(u, cd), cast(x, cd), actions, num_layers)
+    return cast(out, cd)
 
 
 _grouped_wgrad_op, grouped_wgrad = _register("grouped_wgrad", _grouped_wgrad_impl)
@@ -224,7 +225,7 @@ def _fixed_point_fwd_impl(inj: Tensor, W: Tensor, actions: Optional[Tensor], z0:
                     b_backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     cfg = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps)
     z, it, res, conv = run_solve(backend, inj, W, None, actions, z0, False, cfg)
-    return z.to(inj.dtype), it, res.to(_res_dtype(inj.dtype)), conv
+    return cast(z, inj.dtype), it, cast(res, _res_dtype(inj.dtype)), conv
 
 
 fixed_point_fwd = torch.library.custom_op("dynalay::fixed_point_fwd", mutates_args=())(_fixed_point_fwd_impl)
@@ -270,8 +271,8 @@ def _fp_backward(ctx, gz, g_it, g_res, g_conv):
     else:
         z, W, actions = ctx.saved_tensors
         dinj, dW = implicit_grads(z, gz, W, actions, ctx.bcfg, ctx.check, ctx.backend, want_W)
-    dinj = dinj.to(ctx.dtypes[0]) if want_inj else None
-    dW = dW.to(ctx.dtypes[1]) if (want_W and dW is not None) else None
+    dinj = cast(dinj, ctx.dtypes[0]) if want_inj else None
+    dW = cast(dW, ctx.dtypes[1]) if want_W else None
     return (dinj, dW) + nones
 
 
@@ -297,6 +298,31 @@ def check_backward_args(backward, phantom_steps, phantom_damping, check):
     check_int("phantom_steps", phantom_steps, 1)
     if not isinstance(phantom_damping, (int, float)) or not (0.0 < phantom_damping <= 1.0):
         raise ValueError(f"phantom_damping must be in (0, 1] (got {phantom_damping!r})")
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _prepare(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backward, backward_tol, backward_max_iter,
+             backward_solver, phantom_steps, phantom_damping, check) -> tuple:
+    cfg = SolverConfig(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps).validate()
+    check_backward_args(backward, phantom_steps, phantom_damping, check)
+    bcfg = resolve_backward_config(cfg, backward_tol, backward_max_iter, backward_solver)
+    return cfg.op_args() + (backward,) + bcfg.op_args() + (int(phantom_steps), float(phantom_damping), check)
+
+
+def prepare_solve_args(*key) -> tuple:
+    """The validated solver arguments of the ops, in op order: the forward's 7 (tol, max_iter,
+    solver, damping, anderson_m, anderson_lam, eps), backward, the backward solve's 7,
+    phantom_steps, phantom_damping, check.  Memoised (a training loop calls the ops with the same
+    settings every step; ``typed``: 1 and True are different keys); validation errors are raised,
+    never cached; unhashable arguments are validated without the cache."""
+    if torch.compiler.is_compiling():
+        return _prepare.__wrapped__(*key)
+    try:
+        return _prepare(*key)
+    except TypeError as e:
+        if "unhashable" not in str(e):
+            raise
+        return _prepare.__wrapped__(*key)
 
 
 def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50, solver: str = "picard",
@@ -340,14 +366,13 @@ def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50
         check_tensor("z0", z0, 2, dtype=inj.dtype, device=inj.device)
         if z0.shape != inj.shape:
             raise ValueError(f"z0 must have the shape of inj {tuple(inj.shape)} (got {tuple(z0.shape)})")
-    cfg = SolverConfig(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps).validate()
-    check_backward_args(backward, phantom_steps, phantom_damping, check)
-    bcfg = resolve_backward_config(cfg, backward_tol, backward_max_iter, backward_solver)
+    args = prepare_solve_args(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backward, backward_tol,
+                              backward_max_iter, backward_solver, phantom_steps, phantom_damping, check)
     check_finite(check, inj=inj, W=W, z0=z0)
-    be = backends.select(inj.device, inj.dtype, (cfg.solver,), backend)
-    b_be = be if bcfg.solver == cfg.solver else backends.select(inj.device, inj.dtype, (bcfg.solver,), backend)
+    be = backends.select(inj.device, inj.dtype, (solver,), backend, "fixed_point")
+    b_solver = args[10]
+    b_be = be if b_solver == solver else backends.select(inj.device, inj.dtype, (b_solver,), backend, "fixed_point")
     op = fixed_point_fwd if tracing(inj, W, z0) else _FixedPointFn
-    z, it, res, conv = op(inj, W.unsqueeze(0), None, z0, *cfg.op_args(), backward, *bcfg.op_args(),
-                          int(phantom_steps), float(phantom_damping), check, be, b_be)
-    report("forward", conv, res, cfg.max_iter, check)
+    z, it, res, conv = op(inj, W.unsqueeze(0), None, z0, *args, be, b_be)
+    report("forward", conv, res, max_iter, check)
     return FixedPointResult(z, it, res, conv)

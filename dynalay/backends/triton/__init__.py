@@ -79,11 +79,15 @@ def _parse_env_config() -> dict:
 
 
 _env_config = _parse_env_config()
-# Defaults, from the launch-configuration sweep on an H200 (benchmarks/gpu_tune.py; results in
+# Defaults, from the launch-configuration sweeps on an H200 (benchmarks/gpu_tune.py; results in
 # benchmarks/results/gpu-h200-2026-11-27/): bucket of next_pow2(H) -> (BM, num_warps); tiled path
 # (BM, BN, num_warps) per input dtype: (64, 64, 4) was fastest for fp32 but 10x slower than
-# (32, 64, 4) for bf16 inputs.
-_FAST_DEFAULT = {64: (64, 4), 128: (16, 8)}
+# (32, 64, 4) for bf16 inputs.  The resident-W configurations are the ones that stay fast whichever
+# ptxas compiles them: torch.compile points TRITON_PTXAS_PATH at torch's own ptxas for the rest of
+# the process, and under it (16, 8) at H=128 ran 2.6 ms against 0.14 ms under Triton's ptxas
+# (register allocation falls to local memory); (64, 16) ran 0.13 ms under both, and (32, 16) at
+# H=64 0.12-0.13 ms under both (session-10 probe: benchmarks/results/gpu-h200-2026-11-27-s10/run3-probe-profile.log).
+_FAST_DEFAULT = {64: (32, 16), 128: (64, 16)}
 _TILED_DEFAULT = {torch.float32: (64, 64, 4), torch.float64: (64, 64, 4)}
 _TILED_LOWP = (32, 64, 4)
 
