@@ -224,7 +224,8 @@ def profile_fwdbwd(args):
                 if name.endswith("fwdbwd") and stats:
                     it = stats["iters"].float()
                     conv = stats["converged"].float()
-                    info = f"adjoint iters mean {float(it.mean()):.1f} max {int(it.max())} converged {float(conv.mean()):.3f}"
+                    info = (f"adjoint iters mean {float(it.mean()):.1f} max {int(it.max())} "
+                            f"converged {float(conv.mean()):.3f}")
                 print(f"PROFILE {be:6s} {name:12s} wall {ms:.3f} ms  gpu {gpu_ms:.3f} ms  kernels/call "
                       f"{len(kern) / 5:.0f}  {info}", flush=True)
                 if name in ("fp fwdbwd", "step fwdbwd"):

@@ -37,8 +37,13 @@ def get_precision() -> str:
     return _precision
 
 
+# Read once, like Triton itself (its kernels are interpreted or compiled from the moment they are
+# decorated, i.e. when this package is imported).
+_INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interp() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERP
 
 
 def _prec(dtype: torch.dtype) -> str:
