@@ -31,6 +31,35 @@ constexpr int kMaxH = 1024;
 // Keep M in shared memory when it takes at most this much (more would cut occupancy).
 constexpr size_t kMsmemMaxBytes = 72 * 1024;
 
+// The tile this block solves: its layer and the positions [start, end) of its rows (in `perm`
+// order when grouped; end may cut the tile short).  False for a spare tile of the grouped grid.
+__device__ __forceinline__ bool tile_of_block(const DynalayFpSolveParams& p, int BM, int& layer, int64_t& start,
+                                              int64_t& end) {
+  if (p.tile_layer != nullptr) {
+    layer = p.tile_layer[blockIdx.x];
+    if (layer < 0) return false;
+    start = p.tile_row_start[blockIdx.x];
+    end = p.offsets[layer + 1];
+  } else {
+    layer = 0;
+    start = static_cast<int64_t>(blockIdx.x) * BM;
+    end = p.B;
+  }
+  return true;
+}
+
+// acc[j] += z[k..k+3] . m[0..3][j] for one row, in fixed k order.
+template <int CPT>
+__device__ __forceinline__ void fma_row4(float (&acc)[CPT], const float4 zv, const float (&m)[4][CPT]) {
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    acc[j] = fmaf(zv.x, m[0][j], acc[j]);
+    acc[j] = fmaf(zv.y, m[1][j], acc[j]);
+    acc[j] = fmaf(zv.z, m[2][j], acc[j]);
+    acc[j] = fmaf(zv.w, m[3][j], acc[j]);
+  }
+}
+
 template <class Tag, int BM, int TX, int TY, int CPT, bool MSMEM>
 __global__ void __launch_bounds__(TX * TY) fp_solve_kernel(const DynalayFpSolveParams p) {
   using S = typename Tag::S;
@@ -60,16 +89,7 @@ __global__ void __launch_bounds__(TX * TY) fp_solve_kernel(const DynalayFpSolveP
 
   int layer;
   int64_t start, end;
-  if (p.tile_layer != nullptr) {
-    layer = p.tile_layer[blockIdx.x];
-    if (layer < 0) return;  // spare tile (block-uniform)
-    start = p.tile_row_start[blockIdx.x];
-    end = p.offsets[layer + 1];
-  } else {
-    layer = 0;
-    start = static_cast<int64_t>(blockIdx.x) * BM;
-    end = p.B;
-  }
+  if (!tile_of_block(p, BM, layer, start, end)) return;  // spare tile (block-uniform)
   if (tid < BM) {
     const int64_t pos = start + tid;
     row_s[tid] = pos < end ? (p.perm != nullptr ? p.perm[pos] : pos) : int64_t(-1);
@@ -128,16 +148,8 @@ __global__ void __launch_bounds__(TX * TY) fp_solve_kernel(const DynalayFpSolveP
         }
       }
 #pragma unroll
-      for (int i = 0; i < RPT; ++i) {
-        const float4 zv = *reinterpret_cast<const float4*>(z_s + (ty + i * TY) * HP + k);
-#pragma unroll
-        for (int j = 0; j < CPT; ++j) {
-          acc[i][j] = fmaf(zv.x, m[0][j], acc[i][j]);
-          acc[i][j] = fmaf(zv.y, m[1][j], acc[i][j]);
-          acc[i][j] = fmaf(zv.z, m[2][j], acc[i][j]);
-          acc[i][j] = fmaf(zv.w, m[3][j], acc[i][j]);
-        }
-      }
+      for (int i = 0; i < RPT; ++i)
+        fma_row4<CPT>(acc[i], *reinterpret_cast<const float4*>(z_s + (ty + i * TY) * HP + k), m);
     }
 
     // ---- f = map(p), partial norms of f - z and f ----
@@ -252,16 +264,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp_solve_warp_kernel(const Dynalay
 
   int layer;
   int64_t start, end;
-  if (p.tile_layer != nullptr) {
-    layer = p.tile_layer[blockIdx.x];
-    if (layer < 0) return;  // spare tile (block-uniform)
-    start = p.tile_row_start[blockIdx.x];
-    end = p.offsets[layer + 1];
-  } else {
-    layer = 0;
-    start = static_cast<int64_t>(blockIdx.x) * BM;
-    end = p.B;
-  }
+  if (!tile_of_block(p, BM, layer, start, end)) return;  // spare tile (block-uniform)
   const S* Mg = static_cast<const S*>(p.M) + static_cast<int64_t>(layer) * H * H;
   for (int e = tid; e < KP * HC; e += WARPS * 32) {
     const int k = e / HC;
@@ -323,16 +326,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp_solve_warp_kernel(const Dynalay
         }
       }
 #pragma unroll
-      for (int i = 0; i < RPT; ++i) {
-        const float4 zv = *reinterpret_cast<const float4*>(zw + i * KP + k);
-#pragma unroll
-        for (int j = 0; j < CPT; ++j) {
-          acc[i][j] = fmaf(zv.x, m[0][j], acc[i][j]);
-          acc[i][j] = fmaf(zv.y, m[1][j], acc[i][j]);
-          acc[i][j] = fmaf(zv.z, m[2][j], acc[i][j]);
-          acc[i][j] = fmaf(zv.w, m[3][j], acc[i][j]);
-        }
-      }
+      for (int i = 0; i < RPT; ++i) fma_row4<CPT>(acc[i], *reinterpret_cast<const float4*>(zw + i * KP + k), m);
     }
     __syncwarp();  // every lane has read the iterate before any lane rewrites it
 #pragma unroll
