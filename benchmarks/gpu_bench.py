@@ -337,10 +337,13 @@ def table(rows, peaks, device, cmd):
                    f"{f(c['torchdeq'])} | {ratio(c['eager'], c['triton'])} | {ratio(c['eager'], c['cuda'])} | "
                    f"{ratio(c['eager'], best)} | {ratio(c['compiled'], best)} | {tfl} | {floor} | {tf} | {mi} |")
     provs = ("triton", "cuda", "triton_graph", "cuda_graph")
+    # a CPU dry run has torch / cpp in the columns of triton / cuda
+    on_gpu = any(r.get("provider") == "triton" and r["kind"] == "dispatch" for r in rows)
+    p1, p2 = ("triton", "cuda") if on_gpu else ("torch", "cpp")
     out += ["", "## Grouped dispatch (L=4 + NOP)", "",
             "t(NOP)/t(0): the time at this NOP fraction over the time at 0% NOP (same provider, actions, mode).", "",
-            "| H | B | actions | NOP | mode | triton ms | cuda ms | triton graph ms | cuda graph ms | "
-            "per-layer loop ms | dense ms | loop/triton | loop/cuda | dense/best | t(NOP)/t(0) triton | cuda | "
+            f"| H | B | actions | NOP | mode | {p1} ms | {p2} ms | triton graph ms | cuda graph ms | "
+            f"per-layer loop ms | dense ms | loop/{p1} | loop/{p2} | dense/best | t(NOP)/t(0) {p1} | {p2} | "
             "triton graph | cuda graph |", "|" + "---|" * 18]
     seen = set()
     for r0 in rows:
@@ -356,13 +359,14 @@ def table(rows, peaks, device, cmd):
         cands = [c[p] for p in ("triton", "cuda", "torch", "cpp") if c[p]]
         best = min(cands, key=lambda r: r["ms"]) if cands else None
         rr = lambda r, t: f"{r['ms'] / t['ms']:.1f}x" if (r and t) else "-"
+        base.update({p: get(provider=p, **dict(q, nop=0.0)) for p in ("torch", "cpp")})
         sv = lambda p: f"{c[p]['ms'] / base[p]['ms']:.2f}" if (c[p] and base[p]) else "-"
         tri = c["triton"] or c["torch"]
         cu = c["cuda"] or c["cpp"]
         out.append(f"| {r0['H']} | {r0['B']} | {r0['actions']} | {r0['nop']} | {r0['mode']} | {f(tri)} | {f(cu)} | "
                    f"{f(c['triton_graph'])} | {f(c['cuda_graph'])} | {f(c['per_layer_loop'])} | {f(c['dense'])} | "
                    f"{rr(c['per_layer_loop'], tri)} | {rr(c['per_layer_loop'], cu)} | {rr(c['dense'], best)} | "
-                   f"{sv('triton')} | {sv('cuda')} | {sv('triton_graph')} | {sv('cuda_graph')} |")
+                   f"{sv(p1)} | {sv(p2)} | {sv('triton_graph')} | {sv('cuda_graph')} |")
     errs = [r for r in rows if "error" in r]
     if errs:
         out += ["", "## Errors", ""] + [f"- {r['provider']} {r.get('B')}x{r.get('H')} {r.get('dtype', '')} "
