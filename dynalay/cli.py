@@ -33,7 +33,8 @@ def cmd_info(args) -> int:
     print()
     for dev in (["cpu"] + (["cuda"] if cuda else [])):
         for solver in ("picard", "anderson"):
-            picks = {op: backends.select(dev, torch.float32, (solver,), op=op) for op in ("fixed_point", "dynamic_step")}
+            picks = {op: backends.select(dev, torch.float32, (solver,), op=op)
+                     for op in ("fixed_point", "dynamic_step")}
             print(f"auto picks for {dev} fp32 {solver}: fixed_point {picks['fixed_point']}, "
                   f"dynamic_step {picks['dynamic_step']}")
     return 0

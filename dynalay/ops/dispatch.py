@@ -170,7 +170,7 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
         dt = ctx.dtypes  # (h, U, W, b)
         return (cast(dh, dt[0]), None, cast(dU, dt[1]), cast(dW, dt[2]), cast(db, dt[3])) + nones
     nop = (actions == L).unsqueeze(1)
-    gc = g.to(cd)
+    gc = cast(g, cd)
     gz = torch.where(nop, torch.zeros_like(gc), gc)
     if ctx.backward == "phantom":
         inj = grouped_linear(h, U, b, actions, False, ctx.backend)
@@ -179,13 +179,13 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
         u, dW = implicit_grads(h_new, gz, W, actions, ctx.bcfg, ctx.check, ctx.backend, need_W)
     dh = dU = db = None
     if need_h:
-        dh = grouped_linear(u, U.to(cd), None, actions, True, ctx.backend)
-        dh = torch.where(nop, gc, dh).to(ctx.dtypes[0])
+        dh = grouped_linear(u, cast(U, cd), None, actions, True, ctx.backend)
+        dh = cast(torch.where(nop, gc, dh), ctx.dtypes[0])
     if need_U or need_b:  # one grouped reduction for both: x = [h, 1]
-        x = torch.cat([h.to(cd), h.new_ones(h.shape[0], 1, dtype=cd)], 1)
+        x = torch.cat([cast(h, cd), h.new_ones(h.shape[0], 1, dtype=cd)], 1)
         dUb = grouped_wgrad(u, x, actions, L, ctx.backend)
-        dU = dUb[..., :H].to(ctx.dtypes[1]) if need_U else None
-        db = dUb[..., H].to(ctx.dtypes[3]) if need_b else None
+        dU = cast(dUb[..., :H], ctx.dtypes[1]) if need_U else None
+        db = cast(dUb[..., H], ctx.dtypes[3]) if need_b else None
     dW = cast(dW, ctx.dtypes[2]) if need_W else None
     return (dh, None, dU, dW, db) + nones
 
