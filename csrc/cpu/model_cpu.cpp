@@ -23,32 +23,35 @@
 #include <cmath>
 #include <cstdlib>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+#ifdef DYNALAY_X86
+#include <immintrin.h>
+#endif
 
 namespace dynalay {
 namespace {
 
 using Tensor = at::Tensor;
 
-// The agent's decision for rows [r0, r1): from the head's logits (n, C), the state projection
-// (n, P) or none, the history (n, HD) and the previous prediction, the introspection features
-//   f = [proj, max probability, normalised entropy, prediction changed, history]
-// then g = out_w tanh(inp_w f + inp_b + step_emb[t]) + out_b + step_bias[t] (+ nop_bias on
-// NOP) and the action argmax g (first maximum).  Policy.forward's arithmetic: sums in double
-// in a fixed order, exp and tanh in the input precision (tanh over the rows' hidden units in
-// one vectorised call).  Rows do not interact: the Python loop in inference (the agent_decide
-// op) and run_model's chunks compute the same decisions.
-// Softmax statistics of one row of logits l[0..C): pred = the first argmax (NaN wins), s = the
-// sum of exp(l - max) (so the max probability is 1 / s) and ez = the sum of exp(l - max) (l - max)
-// (for the entropy); exp in the input precision, sums in double.
+// The first argmax of one row of logits l[0..C) (NaN wins), and the maximum, in double.
 template <typename S>
-inline void softmax_stats(const S* l, int64_t C, int64_t& pred, double& s, double& ez) {
+inline double row_max(const S* l, int64_t C, int64_t& pred) {
   pred = 0;
   double mx = static_cast<double>(l[0]);
   for (int64_t j = 1; j < C; ++j) {
     const double v = static_cast<double>(l[j]);
     if (v > mx || (std::isnan(v) && !std::isnan(mx))) { mx = v; pred = j; }
   }
+  return mx;
+}
+
+// Softmax statistics of one row of logits l[0..C): pred = the first argmax, s = the sum of
+// exp(l - max) (so the max probability is 1 / s) and ez = the sum of exp(l - max) (l - max)
+// (for the entropy); exp in the input precision, sums in double.
+template <typename S>
+inline void softmax_stats(const S* l, int64_t C, int64_t& pred, double& s, double& ez) {
+  const double mx = row_max(l, C, pred);
   s = 0.0;
   ez = 0.0;
   for (int64_t j = 0; j < C; ++j) {
@@ -59,7 +62,94 @@ inline void softmax_stats(const S* l, int64_t C, int64_t& pred, double& s, doubl
   }
 }
 
-template <typename S>
+// y[m] = b[m] + sum_i x[i] w[i * M + m] for m in [m0, M) in blocks of KB outputs held in registers,
+// in double and in a fixed order: the even terms onto b, the odd terms apart, then their sum
+// (two chains: the sums are short, so their latency, not the FMAs, sets the pace); returns
+// where the blocks stopped.
+template <int KB>
+__attribute__((always_inline)) inline int64_t affine_blocks(const double* x, int64_t N, const double* w,
+                                                            const double* b, int64_t M, int64_t m0, double* y) {
+  for (; m0 + KB <= M; m0 += KB) {
+    double e[KB], o[KB];
+    for (int q = 0; q < KB; ++q) {
+      e[q] = b[m0 + q];
+      o[q] = 0.0;
+    }
+    int64_t i = 0;
+    for (; i + 2 <= N; i += 2) {
+      const double x0 = x[i], x1 = x[i + 1];
+      const double* w0 = w + i * M + m0;
+      const double* w1 = w0 + M;
+      for (int q = 0; q < KB; ++q) {
+        e[q] += w0[q] * x0;
+        o[q] += w1[q] * x1;
+      }
+    }
+    if (i < N)
+      for (int q = 0; q < KB; ++q) e[q] += w[i * M + m0 + q] * x[i];
+    for (int q = 0; q < KB; ++q) y[m0 + q] = e[q] + o[q];
+  }
+  return m0;
+}
+
+#ifdef DYNALAY_X86
+// affine_blocks<4 * V> in AVX2 lanes (the same sums in the same order, one FMA per term).
+template <int V>
+__attribute__((target("avx2,fma"))) int64_t affine_blocks_avx2(const double* x, int64_t N, const double* w,
+                                                               const double* b, int64_t M, int64_t m0, double* y) {
+  for (; m0 + 4 * V <= M; m0 += 4 * V) {
+    __m256d e[V], o[V];
+    for (int v = 0; v < V; ++v) {
+      e[v] = _mm256_loadu_pd(b + m0 + 4 * v);
+      o[v] = _mm256_setzero_pd();
+    }
+    int64_t i = 0;
+    for (; i + 2 <= N; i += 2) {
+      const __m256d x0 = _mm256_set1_pd(x[i]), x1 = _mm256_set1_pd(x[i + 1]);
+      const double* w0 = w + i * M + m0;
+      const double* w1 = w0 + M;
+      for (int v = 0; v < V; ++v) {
+        e[v] = _mm256_fmadd_pd(_mm256_loadu_pd(w0 + 4 * v), x0, e[v]);
+        o[v] = _mm256_fmadd_pd(_mm256_loadu_pd(w1 + 4 * v), x1, o[v]);
+      }
+    }
+    if (i < N) {
+      const __m256d xi = _mm256_set1_pd(x[i]);
+      for (int v = 0; v < V; ++v) e[v] = _mm256_fmadd_pd(_mm256_loadu_pd(w + i * M + m0 + 4 * v), xi, e[v]);
+    }
+    for (int v = 0; v < V; ++v) _mm256_storeu_pd(y + m0 + 4 * v, _mm256_add_pd(e[v], o[v]));
+  }
+  return m0;
+}
+#endif
+
+// y (M) = b + x (N) w (N, M), double: 16, then 4, then 1 output at a time (kAvx2: AVX2 lanes).
+template <bool kAvx2>
+__attribute__((always_inline)) inline void affine(const double* x, int64_t N, const double* w, const double* b,
+                                                  int64_t M, double* y) {
+  int64_t m = 0;
+#ifdef DYNALAY_X86
+  if constexpr (kAvx2) {
+    m = affine_blocks_avx2<4>(x, N, w, b, M, m, y);
+    m = affine_blocks_avx2<1>(x, N, w, b, M, m, y);
+  }
+#endif
+  m = affine_blocks<16>(x, N, w, b, M, m, y);
+  m = affine_blocks<4>(x, N, w, b, M, m, y);
+  affine_blocks<1>(x, N, w, b, M, m, y);
+}
+
+// The agent's decision for rows [r0, r1): from the head's logits (n, C), the state projection
+// (n, P) or none, the history (n, HD) and the previous prediction, the introspection features
+//   f = [proj, max probability, normalised entropy, prediction changed, history]
+// then g = out_w tanh(inp_w f + inp_b + step_emb[t]) + out_b + step_bias[t] (+ nop_bias on
+// NOP) and the action argmax g (first maximum).  Policy.forward's arithmetic: sums in double
+// in a fixed order (the softmax statistics as softmax_stats), exp and tanh in the input
+// precision, each over all the rows in one vectorised call.  The weights are transposed to
+// double once per call; the bias terms are folded (inp_b + step_emb, out_b + step_bias).
+// Rows do not interact: the Python loop in inference (the agent_decide op) and run_model's
+// chunks compute the same decisions.
+template <typename S, bool kAvx2>
 __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t r1, const S* logits, int64_t ls,
                                                             int64_t C, const S* proj, int64_t ps,
                  int64_t P, const S* hist, int64_t HD, const int64_t* prev_pred, const S* inp_w, const S* inp_b,
@@ -68,44 +158,54 @@ __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t 
   const int64_t F = P + 3 + HD, n = r1 - r0;
   if (n <= 0) return;
   const double inv_log_c = 1.0 / std::log(static_cast<double>(C));
-  std::vector<double> f(F), acc(A);
-  std::vector<S> wt(F * A), u(n * A);  // inp_w transposed: the hidden units' sums run side by side
-  for (int64_t k = 0; k < A; ++k)
-    for (int64_t i = 0; i < F; ++i) wt[i * A + k] = inp_w[k * F + i];
+  std::vector<double> wt(F * A), b_in(A), wo(A * NA), b_out(NA), f(F), acc(A), g(NA), ud(A);
+  for (int64_t k = 0; k < A; ++k) {
+    for (int64_t i = 0; i < F; ++i) wt[i * A + k] = static_cast<double>(inp_w[k * F + i]);
+    b_in[k] = static_cast<double>(inp_b[k]) + static_cast<double>(emb[k]);
+  }
+  for (int64_t m = 0; m < NA; ++m) {
+    for (int64_t k = 0; k < A; ++k) wo[k * NA + m] = static_cast<double>(out_w[m * A + k]);
+    b_out[m] = static_cast<double>(out_b[m]) + static_cast<double>(bias[m]);
+  }
+  // the softmax of every row: shifted logits l - max, then one vectorised exp over the rows
+  std::vector<S> e(n * C), u(n * A);
+  std::vector<double> mxs(n);
   for (int64_t r = r0; r < r1; ++r) {
+    const S* l = logits + r * ls;
     int64_t pred;
-    double s, ez;
-    softmax_stats(logits + r * ls, C, pred, s, ez);
+    const double mx = row_max(l, C, pred);
+    S* er = e.data() + (r - r0) * C;
+    for (int64_t j = 0; j < C; ++j) er[j] = static_cast<S>(static_cast<double>(l[j]) - mx);
+    pred_out[r] = pred;
+    mxs[r - r0] = mx;
+  }
+  exp_inplace(n * C, e.data());
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* l = logits + r * ls;
+    const S* er = e.data() + (r - r0) * C;
+    const double mx = mxs[r - r0];
+    double s = 0.0, ez = 0.0;  // sum of exp(l - max) and of exp(l - max) (l - max), as softmax_stats
+    for (int64_t j = 0; j < C; ++j) {
+      const double ej = static_cast<double>(er[j]);
+      s += ej;
+      ez += ej * (static_cast<double>(l[j]) - mx);
+    }
     const double conf = 1.0 / s;
     for (int64_t p = 0; p < P; ++p) f[p] = static_cast<double>(proj[r * ps + p]);
     f[P] = conf;
     f[P + 1] = (std::log(s) - ez * conf) * inv_log_c;
-    f[P + 2] = pred != prev_pred[r] ? 1.0 : 0.0;
+    f[P + 2] = pred_out[r] != prev_pred[r] ? 1.0 : 0.0;
     for (int64_t k = 0; k < HD; ++k) f[P + 3 + k] = static_cast<double>(hist[r * HD + k]);
-    for (int64_t k = 0; k < A; ++k) acc[k] = static_cast<double>(inp_b[k]) + static_cast<double>(emb[k]);
-    for (int64_t i = 0; i < F; ++i) {
-      const double fi = f[i];
-      const S* w = wt.data() + i * A;
-      for (int64_t k = 0; k < A; ++k) acc[k] += static_cast<double>(w[k]) * fi;
-    }
+    affine<kAvx2>(f.data(), F, wt.data(), b_in.data(), A, acc.data());
     S* ur = u.data() + (r - r0) * A;
     for (int64_t k = 0; k < A; ++k) ur[k] = static_cast<S>(acc[k]);
     conf_out[r] = static_cast<S>(conf);
-    pred_out[r] = pred;
   }
   tanh_inplace(n * A, u.data());
-  std::vector<S> wo(A * NA);  // out_w transposed: the actions' sums run side by side
-  for (int64_t m = 0; m < NA; ++m)
-    for (int64_t k = 0; k < A; ++k) wo[k * NA + m] = out_w[m * A + k];
-  std::vector<double> g(NA);
   for (int64_t r = r0; r < r1; ++r) {
     const S* ur = u.data() + (r - r0) * A;
-    for (int64_t m = 0; m < NA; ++m) g[m] = static_cast<double>(out_b[m]) + static_cast<double>(bias[m]);
-    for (int64_t k = 0; k < A; ++k) {
-      const double uk = static_cast<double>(ur[k]);
-      const S* w = wo.data() + k * NA;
-      for (int64_t m = 0; m < NA; ++m) g[m] += static_cast<double>(w[m]) * uk;
-    }
+    for (int64_t k = 0; k < A; ++k) ud[k] = static_cast<double>(ur[k]);
+    affine<kAvx2>(ud.data(), A, wo.data(), b_out.data(), NA, g.data());
     g[NA - 1] += nop_bias;
     int64_t best = 0;
     for (int64_t m = 1; m < NA; ++m)
@@ -129,7 +229,7 @@ __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t 
 // rounding only; every caller on a machine takes the same build, so they agree.
 template <typename S>
 __attribute__((target("avx2,fma"))) void decide_rows_avx2(DYNALAY_DECIDE_ARGS) {
-  decide_rows_body<S>(DYNALAY_DECIDE_PASS);
+  decide_rows_body<S, true>(DYNALAY_DECIDE_PASS);
 }
 const bool kDecideAVX2 = cpu_has_avx2_fma();  // and head_rows
 #endif
@@ -139,7 +239,7 @@ void decide_rows(DYNALAY_DECIDE_ARGS) {
 #ifdef DYNALAY_X86
   if (kDecideAVX2) return decide_rows_avx2<S>(DYNALAY_DECIDE_PASS);
 #endif
-  decide_rows_body<S>(DYNALAY_DECIDE_PASS);
+  decide_rows_body<S, false>(DYNALAY_DECIDE_PASS);
 }
 
 // The agent_decide op: (actions, conf, pred) for every row of `logits` (see decide_rows).
@@ -199,10 +299,44 @@ struct RunArgs {
   int32_t* step_iters;
 };
 
+#ifdef DYNALAY_X86
+// out[k] = b[k] + x . W[k] for one float row x (H) and K outputs (the head's logits and the
+// agent's projection: a handful of outputs, where a BLAS call per step runs at a fraction of its
+// speed): four outputs at a time share the row's loads, each summed in float over 8-float
+// lanes in two interleaved halves (eight independent chains), then lanes, halves and the
+// scalar tail added in a fixed order.
+__attribute__((target("avx2,fma"))) void proj_row_avx2(const float* x, int64_t K, int64_t H, const float* W,
+                                                       const float* b, float* out) {
+  for (int64_t k0 = 0; k0 < K; k0 += 4) {
+    const int64_t nk = std::min<int64_t>(4, K - k0);
+    const float* w[4];
+    for (int q = 0; q < 4; ++q) w[q] = W + (k0 + std::min<int64_t>(q, nk - 1)) * H;  // padding repeats the last
+    __m256 lo[4], hi[4];
+    for (int q = 0; q < 4; ++q) lo[q] = hi[q] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= H; j += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+      for (int q = 0; q < 4; ++q) {
+        lo[q] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w[q] + j), lo[q]);
+        hi[q] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w[q] + j + 8), hi[q]);
+      }
+    }
+    alignas(32) float t[8];
+    for (int q = 0; q < nk; ++q) {
+      _mm256_store_ps(t, _mm256_add_ps(lo[q], hi[q]));
+      float acc = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+      for (int64_t jj = j; jj < H; ++jj) acc += x[jj] * w[q][jj];
+      out[k0 + q] = acc + b[k0 + q];
+    }
+  }
+}
+#endif
+
 // The head (and the agent's projection) on n states: out (n, K) = LN(x) w_head[:K]^T + b_head[:K]
 // (K = C: the head's logits; K = C + P: and the agent's projections).  LayerNorm per row
-// (mean and variance in double) into zbuf (n, H), then one GEMM.
-template <typename S>
+// (mean and variance in double) into zbuf (n, H), then the projection: float rows on AVX2 row by
+// row while the row is in L1 (proj_row_avx2), otherwise one GEMM.
+template <typename S, bool kAvx2>
 __attribute__((always_inline)) inline void head_rows_body(const RunArgs& A, const S* x, int64_t n, int64_t K,
                                                           std::vector<S>& zbuf, S* out) {
   const int64_t H = A.H;
@@ -211,6 +345,8 @@ __attribute__((always_inline)) inline void head_rows_body(const RunArgs& A, cons
   const S* g = A.ln_w.data_ptr<S>();
   const S* bb = A.ln_b.data_ptr<S>();
   const S* ones = A.ones.data_ptr<S>();
+  const S* bh = A.b_head.data_ptr<S>();
+  constexpr bool kRowProj = kAvx2 && std::is_same<S, float>::value;
   for (int64_t i = 0; i < n; ++i) {
     const S* xi = x + i * H;
     const double mean = row_dot(xi, ones, H) / static_cast<double>(H);
@@ -218,18 +354,22 @@ __attribute__((always_inline)) inline void head_rows_body(const RunArgs& A, cons
     const S m = static_cast<S>(mean), rs = static_cast<S>(1.0 / std::sqrt(var + A.ln_eps));
     S* z = zbuf.data() + i * H;
     for (int64_t j = 0; j < H; ++j) z[j] = (xi[j] - m) * rs * g[j] + bb[j];
+#ifdef DYNALAY_X86
+    if constexpr (kRowProj) proj_row_avx2(z, K, H, A.w_head.data_ptr<float>(), bh, out + i * K);
+#endif
   }
-  rows_times_wt(n, K, H, zbuf.data(), A.w_head.data_ptr<S>(), out);
-  const S* bh = A.b_head.data_ptr<S>();
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < K; ++k) out[i * K + k] += bh[k];
+  if constexpr (!kRowProj) {
+    rows_times_wt(n, K, H, zbuf.data(), A.w_head.data_ptr<S>(), out);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < K; ++k) out[i * K + k] += bh[k];
+  }
 }
 
 #ifdef DYNALAY_X86
 template <typename S>
 __attribute__((target("avx2,fma"))) void head_rows_avx2(const RunArgs& A, const S* x, int64_t n, int64_t K,
                                                         std::vector<S>& zbuf, S* out) {
-  head_rows_body<S>(A, x, n, K, zbuf, out);
+  head_rows_body<S, true>(A, x, n, K, zbuf, out);
 }
 #endif
 
@@ -238,7 +378,7 @@ void head_rows(const RunArgs& A, const S* x, int64_t n, int64_t K, std::vector<S
 #ifdef DYNALAY_X86
   if (kDecideAVX2) return head_rows_avx2<S>(A, x, n, K, zbuf, out);
 #endif
-  head_rows_body<S>(A, x, n, K, zbuf, out);
+  head_rows_body<S, false>(A, x, n, K, zbuf, out);
 }
 
 // Max probability of the softmax of l[0..C) (the early-exit confidence; the agent's feature).

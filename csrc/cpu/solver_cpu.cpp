@@ -318,6 +318,8 @@ void dgemm_64(const char*, const char*, const int64_t*, const int64_t*, const in
     __attribute__((weak));
 void vmsTanh_64(int64_t, const float*, float*, int64_t) __attribute__((weak));
 void vmdTanh_64(int64_t, const double*, double*, int64_t) __attribute__((weak));
+void vmsExp_64(int64_t, const float*, float*, int64_t) __attribute__((weak));
+void vmdExp_64(int64_t, const double*, double*, int64_t) __attribute__((weak));
 int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 namespace dynalay {
@@ -361,12 +363,21 @@ inline void mkl_tanh(int64_t n, double* x) {
   MklSerialInRegion serial;
   vmdTanh_64(n, x, x, kVmlMode);
 }
+const bool kVmlExp = kDirectMkl && vmsExp_64 != nullptr && vmdExp_64 != nullptr;
+inline void mkl_exp(int64_t n, float* x) {
+  MklSerialInRegion serial;
+  vmsExp_64(n, x, x, kVmlMode);
+}
+inline void mkl_exp(int64_t n, double* x) {
+  MklSerialInRegion serial;
+  vmdExp_64(n, x, x, kVmlMode);
+}
 
-// P = C + Z M for `na` rows (M: (H, H), row-major or a transposed view).  False: not handled here.
+// P += Z M for `na` rows (P, Z: (na, H) with row stride H; M: (H, H) at `M` with strides s0, s1,
+// row-major or a transposed view).  False: not handled here (P untouched).
 template <typename T>
-bool direct_addmm(int64_t na, int64_t H, T* P, const T* C, const T* Z, const at::Tensor& M) {
+bool direct_gemm_acc(int64_t na, int64_t H, T* P, const T* Z, const T* M, int64_t s0, int64_t s1) {
   if (!kDirectMkl || na < 1) return false;
-  const int64_t s0 = M.stride(0), s1 = M.stride(1);
   char ta;
   int64_t lda;
   if (s1 == 1 && s0 >= H) {  // row-major M: its buffer read column-major is M^T, as needed
@@ -379,49 +390,71 @@ bool direct_addmm(int64_t na, int64_t H, T* P, const T* C, const T* Z, const at:
     return false;
   }
   // row-major P = Z M  <=>  column-major P^T = M^T Z^T
-  std::memcpy(P, C, sizeof(T) * na * H);
   const char tb = 'N';
   const int64_t m = H, n = na, k = H, ld = H;
   const T one = 1;
   MklSerialInRegion serial;
-  mkl_gemm(&ta, &tb, &m, &n, &k, &one, M.data_ptr<T>(), &lda, Z, &ld, &one, P, &ld);
+  mkl_gemm(&ta, &tb, &m, &n, &k, &one, M, &lda, Z, &ld, &one, P, &ld);
   return true;
 }
 
-// One block of rows of a group, solved to the end by the calling thread: C (n,H), D (n,H) or
-// undefined, Z (n,H) are private, contiguous and compacted in place; `ids` are the global row
-// numbers; `and_state` (Anderson only) is indexed from `and_off`.  Each iteration is one GEMM
-// on the active rows (single-threaded here: blocks run in parallel) and one fused pass.
+// The matrix of one group (row-major z @ M): its data and strides, and the tensor it views
+// (used only by the ATen fallback, when MKL is not reachable directly).
 template <typename T>
-void solve_block(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, int64_t* ids,
+struct GroupMat {
+  const T* p;
+  int64_t s0, s1;
+  const at::Tensor* all;  // (L, H, H)
+  int64_t layer;
+};
+
+// P = C + Z M for `na` rows: straight to MKL when it can, else at::addmm_out on views.
+template <typename T>
+void block_addmm(int64_t na, int64_t H, T* P, T* C, T* Z, const GroupMat<T>& M) {
+  const bool direct_ok = (M.s1 == 1 && M.s0 >= H) || (M.s0 == 1 && M.s1 >= H);
+  if (kDirectMkl && direct_ok && na >= 1) {
+    std::memcpy(P, C, sizeof(T) * na * H);
+    direct_gemm_acc<T>(na, H, P, Z, M.p, M.s0, M.s1);
+    return;
+  }
+  const auto opt = M.all->options();
+  at::Tensor Pn = at::from_blob(P, {na, H}, opt);
+  at::addmm_out(Pn, at::from_blob(C, {na, H}, opt), at::from_blob(Z, {na, H}, opt), (*M.all)[M.layer]);
+}
+
+// One block of rows of a group, solved to the end by the calling thread: C (n,H), D (n,H) or
+// null, Z (n,H) are private, contiguous and compacted in place; `ids` are the global row
+// numbers; `and_state` (Anderson only) is indexed from `and_off`.  Each iteration is one GEMM
+// on the active rows (single-threaded here: blocks run in parallel) and one fused pass.  Raw
+// buffers only: no tensor is made per block (a few microseconds each, per block and step).
+template <typename T>
+void solve_block(T* C, T* D, T* Z, int64_t n, int64_t H, const GroupMat<T>& M, int64_t* ids,
                  AndersonState<T>* and_state, int64_t and_off, const Cfg& cfg, T* out_z, int32_t* out_iters,
                  T* out_res, bool* out_conv) {
-  const int64_t n = C.size(0);
-  const int64_t H = C.size(1);
   if (n == 0) return;
-  at::Tensor P = at::empty_like(C);
+  std::vector<T> p_buf(n * H);
+  T* P = p_buf.data();
   std::vector<uint8_t> done(n, 0);
   std::vector<double> A, y;
   std::vector<int64_t> sl;
-  const bool has_d = D.defined();
+  const bool has_d = D != nullptr;
   const T damping = static_cast<T>(cfg.damping);
   const bool exact_step = cfg.damping == 1.0;
   const bool swap_step = exact_step && !cfg.anderson;  // every active row's new iterate is f: swap Z, P
   int64_t na = n;
   for (int64_t k = 1; k <= cfg.max_iter && na > 0; ++k) {
     if (k == 1 && cfg.z0_zero) {
-      std::memcpy(P.data_ptr<T>(), C.data_ptr<T>(), sizeof(T) * na * H);  // C + 0 M: one GEMM of ~10 saved
-    } else if (!direct_addmm<T>(na, H, P.data_ptr<T>(), C.data_ptr<T>(), Z.data_ptr<T>(), M)) {
-      at::Tensor Pn = P.narrow(0, 0, na);
-      at::addmm_out(Pn, C.narrow(0, 0, na), Z.narrow(0, 0, na), M);
+      std::memcpy(P, C, sizeof(T) * na * H);  // C + 0 M: one GEMM of ~10 saved
+    } else {
+      block_addmm<T>(na, H, P, C, Z, M);
     }
     if (!cfg.adjoint) {
-      if (kDirectMkl) mkl_tanh(na * H, P.data_ptr<T>());
-      else P.narrow(0, 0, na).tanh_();
+      if (kDirectMkl) mkl_tanh(na * H, P);
+      else at::from_blob(P, {na, H}, M.all->options()).tanh_();
     }
-    T* Zp = Z.data_ptr<T>();
-    T* Pp = P.data_ptr<T>();
-    const T* Dp = has_d ? D.data_ptr<T>() : nullptr;
+    T* Zp = Z;
+    T* Pp = P;
+    const T* Dp = D;
     const int64_t slot = cfg.anderson ? (k - 1) % cfg.m : 0;
     bool any_done = false;
     for (int64_t r = 0; r < na; ++r) {
@@ -458,9 +491,9 @@ void solve_block(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, 
     }
     if (swap_step) std::swap(Z, P);
     if (any_done) {  // compact the rows still active to the front, in order
-      T* Zw = Z.data_ptr<T>();
-      T* Cw = C.data_ptr<T>();
-      T* Dw = has_d ? D.data_ptr<T>() : nullptr;
+      T* Zw = Z;
+      T* Cw = C;
+      T* Dw = D;
       int64_t w = 0;
       for (int64_t r = 0; r < na; ++r) {
         if (done[r]) continue;
@@ -477,8 +510,7 @@ void solve_block(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M, 
       na = w;
     }
   }
-  const T* Zp = Z.data_ptr<T>();
-  for (int64_t r = 0; r < na; ++r) std::memcpy(out_z + ids[r] * H, Zp + r * H, sizeof(T) * H);
+  for (int64_t r = 0; r < na; ++r) std::memcpy(out_z + ids[r] * H, Z + r * H, sizeof(T) * H);
 }
 
 // Rows still to solve, laid out group after group ("packed" order): row p of C/D/Z belongs
@@ -554,11 +586,17 @@ void solve_packed(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M,
   AndersonState<T> and_state;
   if (cfg.anderson) and_state.init(n, cfg.m, H);
   const at::Tensor Mc = M.detach();
-  const bool has_d = D.defined();
+  TORCH_CHECK(C.is_contiguous() && Z.is_contiguous() && (!D.defined() || D.is_contiguous()),
+              "dynalay: internal error: the packed solve needs contiguous buffers");
+  T* cp = C.data_ptr<T>();
+  T* zp = Z.data_ptr<T>();
+  T* dp = D.defined() ? D.data_ptr<T>() : nullptr;
+  const T* mp = Mc.data_ptr<T>();
   auto run_block = [&](const Block& bk) {
-    solve_block<T>(C.narrow(0, bk.r0, bk.len), has_d ? D.narrow(0, bk.r0, bk.len) : at::Tensor(),
-                   Z.narrow(0, bk.r0, bk.len), Mc[bk.layer], ids.data() + bk.r0,
-                   cfg.anderson ? &and_state : nullptr, bk.r0, cfg, out_z, out_iters, out_res, out_conv);
+    const GroupMat<T> gm{mp + bk.layer * Mc.stride(0), Mc.stride(1), Mc.stride(2), &Mc, bk.layer};
+    solve_block<T>(cp + bk.r0 * H, dp != nullptr ? dp + bk.r0 * H : nullptr, zp + bk.r0 * H, bk.len, H, gm,
+                   ids.data() + bk.r0, cfg.anderson ? &and_state : nullptr, bk.r0, cfg, out_z, out_iters, out_res,
+                   out_conv);
   };
   const int64_t nb = static_cast<int64_t>(blocks.size());
   // largest first (stable: ties keep the packed order)
@@ -593,7 +631,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fp_solve_cpu(
   TORCH_CHECK(c.scalar_type() == W.scalar_type(), "dynalay: c and W dtypes differ");
   TORCH_CHECK(solver == "picard" || solver == "anderson", "dynalay: unknown solver");
   TORCH_CHECK(!adjoint || (d.has_value() && d->defined()), "dynalay: the adjoint map needs d");
-  const int64_t B = c.size(0), H = c.size(1), L = W.size(0);
+  const int64_t B = c.size(0), L = W.size(0);
   Cfg cfg{adjoint, tol, max_iter, solver == "anderson", damping, anderson_m, anderson_lam, eps};
   at::Tensor cc = c.contiguous();
   at::Tensor out_z = (z0.has_value() && z0->defined()) ? z0->contiguous().clone() : at::zeros_like(cc);
@@ -733,6 +771,14 @@ void rows_times_wt(int64_t n, int64_t K, int64_t H, const double* X, const doubl
 }
 void tanh_inplace(int64_t n, float* x) { tanh_inplace_impl(n, x); }
 void tanh_inplace(int64_t n, double* x) { tanh_inplace_impl(n, x); }
+void exp_inplace(int64_t n, float* x) {
+  if (kVmlExp) return mkl_exp(n, x);
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+void exp_inplace(int64_t n, double* x) {
+  if (kVmlExp) return mkl_exp(n, x);
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
 
 // One DynaLay step, fused: group once, inj = h U[l]^T + b[l] straight into the packed
 // constant term, solve every group, copy the NOP rows of h.  h_new is never zero-filled:
@@ -775,8 +821,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_blocked(
     for (int64_t l = 0; l < L; ++l) {
       const int64_t g0 = offsets[l], gn = offsets[l + 1] - offsets[l];
       if (gn == 0) continue;
-      at::Tensor Cl = C.narrow(0, g0, gn);
-      at::addmm_out(Cl, b[l], X.narrow(0, g0, gn), U[l].t());
+      // inj = b[l] + X U[l]^T: the bias in every row, then the GEMM straight to MKL (as the
+      // solve's iterations: no dispatcher call, no tensor views per group)
+      T* cp_l = C.data_ptr<T>() + g0 * H;
+      const T* bp = b.data_ptr<T>() + l * b.stride(0);
+      const int64_t bs = b.stride(1);
+      for (int64_t j = 0; j < H; ++j) cp_l[j] = bp[j * bs];
+      for (int64_t r = 1; r < gn; ++r) std::memcpy(cp_l + r * H, cp_l, sizeof(T) * H);
+      const T* ul = U.data_ptr<T>() + l * U.stride(0);  // U[l]^T: strides swapped
+      if (!direct_gemm_acc<T>(gn, H, cp_l, X.data_ptr<T>() + g0 * H, ul, U.stride(2), U.stride(1))) {
+        at::Tensor Cl = C.narrow(0, g0, gn);
+        at::addmm_out(Cl, b[l], X.narrow(0, g0, gn), U[l].t());
+      }
     }
     at::Tensor Z = at::zeros_like(C);
     solve_packed<T>(C, at::Tensor(), Z, W.transpose(1, 2), offsets, perm, cfg, op, iters.data_ptr<int32_t>(),

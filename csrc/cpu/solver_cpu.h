@@ -40,5 +40,8 @@ void rows_times_wt(int64_t n, int64_t K, int64_t H, const double* X, const doubl
 // x = tanh(x) elementwise (MKL VML, ATen's accuracy mode, when exported; else std::tanh).
 void tanh_inplace(int64_t n, float* x);
 void tanh_inplace(int64_t n, double* x);
+// x = exp(x) elementwise (MKL VML in the same mode, when exported; else std::exp).
+void exp_inplace(int64_t n, float* x);
+void exp_inplace(int64_t n, double* x);
 
 }  // namespace dynalay
