@@ -5,7 +5,7 @@
 // forced action table (static, truncation, early exit), with compaction, no hard budget and no
 // gradient.  The batch is cut into chunks (chunk_rows: sizes only, never the thread count);
 // each chunk runs on one thread through the encoder and every step:
-//   - the LayerNorm and the head (plus the agent's projection) as one GEMM;
+//   - the LayerNorm and the head (plus the agent's projection): per row on AVX2 (head_rows);
 //   - the agent's decision (decide_rows);
 //   - compaction of the rows that stop;
 //   - one dynamic_step for the rows that go on (one block per group);

@@ -28,6 +28,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <memory>
 #include <vector>
 
 #ifdef _OPENMP
@@ -432,8 +433,8 @@ void solve_block(T* C, T* D, T* Z, int64_t n, int64_t H, const GroupMat<T>& M, i
                  AndersonState<T>* and_state, int64_t and_off, const Cfg& cfg, T* out_z, int32_t* out_iters,
                  T* out_res, bool* out_conv) {
   if (n == 0) return;
-  std::vector<T> p_buf(n * H);
-  T* P = p_buf.data();
+  std::unique_ptr<T[]> p_buf(new T[n * H]);  // not zero-filled: every active row is written before it is read
+  T* P = p_buf.get();
   std::vector<uint8_t> done(n, 0);
   std::vector<double> A, y;
   std::vector<int64_t> sl;
