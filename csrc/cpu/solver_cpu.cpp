@@ -356,23 +356,17 @@ struct MklSerialInRegion {
   }
 };
 
-inline void mkl_tanh(int64_t n, float* x) {
+// x = fn(x) in place through a VML entry point (kVmlMode), serial inside a parallel region.
+template <typename T>
+inline void vml_inplace(void (*fn)(int64_t, const T*, T*, int64_t), int64_t n, T* x) {
   MklSerialInRegion serial;
-  vmsTanh_64(n, x, x, kVmlMode);
+  fn(n, x, x, kVmlMode);
 }
-inline void mkl_tanh(int64_t n, double* x) {
-  MklSerialInRegion serial;
-  vmdTanh_64(n, x, x, kVmlMode);
-}
+inline void mkl_tanh(int64_t n, float* x) { vml_inplace(vmsTanh_64, n, x); }
+inline void mkl_tanh(int64_t n, double* x) { vml_inplace(vmdTanh_64, n, x); }
 const bool kVmlExp = kDirectMkl && vmsExp_64 != nullptr && vmdExp_64 != nullptr;
-inline void mkl_exp(int64_t n, float* x) {
-  MklSerialInRegion serial;
-  vmsExp_64(n, x, x, kVmlMode);
-}
-inline void mkl_exp(int64_t n, double* x) {
-  MklSerialInRegion serial;
-  vmdExp_64(n, x, x, kVmlMode);
-}
+inline void mkl_exp(int64_t n, float* x) { vml_inplace(vmsExp_64, n, x); }
+inline void mkl_exp(int64_t n, double* x) { vml_inplace(vmdExp_64, n, x); }
 
 // P += Z M for `na` rows (P, Z: (na, H) with row stride H; M: (H, H) at `M` with strides s0, s1,
 // row-major or a transposed view).  False: not handled here (P untouched).
