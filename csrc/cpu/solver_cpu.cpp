@@ -406,11 +406,9 @@ struct GroupMat {
 // P = C + Z M for `na` rows: straight to MKL when it can, else at::addmm_out on views.
 template <typename T>
 void block_addmm(int64_t na, int64_t H, T* P, T* C, T* Z, const GroupMat<T>& M) {
-  const bool direct_ok = (M.s1 == 1 && M.s0 >= H) || (M.s0 == 1 && M.s1 >= H);
-  if (kDirectMkl && direct_ok && na >= 1) {
+  if (kDirectMkl && na >= 1) {
     std::memcpy(P, C, sizeof(T) * na * H);
-    direct_gemm_acc<T>(na, H, P, Z, M.p, M.s0, M.s1);
-    return;
+    if (direct_gemm_acc<T>(na, H, P, Z, M.p, M.s0, M.s1)) return;  // else: a layout MKL is not given
   }
   const auto opt = M.all->options();
   at::Tensor Pn = at::from_blob(P, {na, H}, opt);
