@@ -29,16 +29,17 @@ TORCH_LIBRARY(dynalay_C, m) {
   m.def("first_non_finite(Tensor[] ts) -> int");
   m.def("grouped_linear(Tensor x, Tensor U, Tensor? b, Tensor actions, bool transpose) -> Tensor");
   m.def("grouped_wgrad(Tensor u, Tensor x, Tensor? actions, int num_layers) -> Tensor");
-  // the agent's greedy decision for every row (csrc/cpu/model_cpu.cpp): actions, conf, pred
+  // the agent's greedy decision for every row (csrc/cpu/model_cpu.cpp): actions, conf, pred;
+  // conf_mode: the confidence feature, 0 = max probability, 1 = its clipped log-odds / 3
   m.def(
       "agent_decide(Tensor logits, Tensor? proj, Tensor hist, Tensor prev_pred, Tensor[] agent, int t, "
-      "float nop_bias) -> (Tensor, Tensor, Tensor)");
+      "float nop_bias, int conf_mode=0) -> (Tensor, Tensor, Tensor)");
   // DynaLay.run's inference loop in one call (csrc/cpu/model_cpu.cpp), from the input x: logits,
   // flops, layers, iters, actions, step_iters, rows_per_step
   m.def(
       "run_model(Tensor x, Tensor enc_w, Tensor enc_b, Tensor U, Tensor W, Tensor b, float tol, int max_iter, "
       "str solver, float damping, int anderson_m, float anderson_lam, float eps, Tensor ln_w, Tensor ln_b, "
       "float ln_eps, Tensor head_w, Tensor head_b, Tensor[] agent, float nop_bias, float lam_feature, "
-      "Tensor? forced, float? exit_threshold, int max_steps, float[] costs) "
+      "Tensor? forced, float? exit_threshold, int max_steps, float[] costs, int conf_mode=0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

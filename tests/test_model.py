@@ -8,6 +8,7 @@ import torch
 import dynalay
 import dynalay.models.dynalay as dmod
 from dynalay.models import DynaLay, DynaLayConfig, MLPBaseline, mlp_hidden_for_params
+from dynalay.models.dynalay import head_stats
 
 
 def _model(seed=0, **kw):
@@ -169,6 +170,18 @@ def test_input_validation():
         m.run(torch.randn(3, 12), policy="forced")
     with pytest.raises(ValueError):
         DynaLayConfig(in_features=3, num_classes=2, hidden=0).validate()
+    with pytest.raises(ValueError, match="agent_conf"):
+        DynaLayConfig(in_features=3, num_classes=2, agent_conf="entropy").validate()
+    with pytest.raises(ValueError, match="conf must be one of"):
+        head_stats(torch.randn(3, 4), "entropy")
+
+
+def test_cost_model_charges_the_logodds_feature():
+    """The log-odds confidence costs C + 2 FLOPs more per agent evaluation (a sum, a log, a clip)."""
+    kw = dict(in_features=12, num_classes=7, hidden=16)
+    a = DynaLay(DynaLayConfig(**kw, agent_conf="prob")).costs.agent
+    b = DynaLay(DynaLayConfig(**kw, agent_conf="logodds")).costs.agent
+    assert b - a == 7 + 2
 
 
 def test_mlp_baseline_size():

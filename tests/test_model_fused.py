@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import dynalay
 from dynalay.models import DynaLay, DynaLayConfig
+from dynalay.models.dynalay import head_stats
 from dynalay.ops._common import SolverConfig
 
 pytestmark = pytest.mark.skipif(dynalay.backends.availability_error("cpp") is not None,
@@ -56,7 +57,8 @@ def _assert_same(a, b, dtype):
 def test_fused_loop_matches_the_python_loop(dtype, B, seed):
     """Every policy and knob; batches of one chunk, several and a ragged last chunk; odd H;
     with and without the agent's state projection (agent_state_dim)."""
-    m = _model(seed, dtype, agent_state_dim=6 if seed else 0, hidden=20 if seed else 33)
+    m = _model(seed, dtype, agent_state_dim=6 if seed else 0, hidden=20 if seed else 33,
+               agent_conf="logodds" if seed else "prob")
     x = torch.randn(B, 12, dtype=dtype, generator=torch.Generator().manual_seed(seed + B))
     with torch.no_grad():
         assert m.fused_reason(x) is None
@@ -64,6 +66,23 @@ def test_fused_loop_matches_the_python_loop(dtype, B, seed):
             _assert_same(_run(m, x, kind, kw, True), _run(m, x, kind, kw, False), dtype)
         out = m.run(x, details=True)  # the default takes the fused loop
         _assert_same(out, m.run(x, details=True, fused=True), dtype)
+
+
+@pytest.mark.parametrize("conf_feature", ["prob", "logodds"])
+def test_kernels_match_the_pure_python_features(conf_feature):
+    """The C++ decision (run_model, agent_decide) against the all-Python loop (head_stats and
+    Policy.forward: what run(record=True) and the training tree use), float64: same actions."""
+    m = _model(4, torch.float64, agent_state_dim=3, agent_conf=conf_feature)
+    with torch.no_grad():
+        m.policy.step_bias.zero_()  # NOP and the layers close: decisions turn on the features
+    x = torch.randn(200, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        for lam in (0.02, 0.3, 2.0):
+            want = m.run(x, lam=lam, details=True, record=True, fused=False)
+            got = m.run(x, lam=lam, details=True, fused=True)
+            assert 0 < int((want.actions == m.nop).sum()) < want.actions.numel()
+            assert torch.equal(got.actions, want.actions)
+            torch.testing.assert_close(got.logits, want.logits, rtol=1e-12, atol=1e-12)
 
 
 def test_fused_loop_stops_and_recomputes():
@@ -104,12 +123,19 @@ def test_when_the_fused_loop_runs():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("P", [0, 4])
-def test_agent_decide_is_policy_forward(dtype, P):
-    """The kernel's features, logits and argmax against Policy.forward (ATen, same dtype)."""
-    m = _model(3, dtype, agent_state_dim=P)
+@pytest.mark.parametrize("conf_feature", ["prob", "logodds"])
+def test_agent_decide_is_policy_forward(dtype, P, conf_feature):
+    """The kernel's features, logits and argmax against Policy.forward (ATen, same dtype); the
+    confidence feature against its float64 formula (the max probability, or clip(log(p / (1 - p)),
+    -6, 6) / 3), with logits that clip at both ends and tied maxima."""
+    m = _model(3, dtype, agent_state_dim=P, agent_conf=conf_feature)
     g = torch.Generator().manual_seed(7)
     n, C, L, T, HD = 97, m.cfg.num_classes, m.cfg.num_layers, m.cfg.max_steps, m.cfg.history_dim
     logits = 3 * torch.randn(n, C, generator=g, dtype=dtype)
+    logits[0, 1] += 40.0  # log-odds clipped at +6
+    logits[1] = 0.0  # all tied: p = 1/C
+    logits[2, :2] = 5.0  # two tied maxima
+    logits[3] = 1e-3 * logits[3]  # nearly uniform
     proj = torch.randn(n, P, generator=g, dtype=dtype) if P else None
     hist = torch.rand(n, HD, generator=g, dtype=dtype)
     prev = torch.randint(-1, C, (n,), generator=g)
@@ -117,16 +143,23 @@ def test_agent_decide_is_policy_forward(dtype, P):
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for t in range(T):
         for nop_bias in (0.0, 0.9):
-            a, conf, pred = torch.ops.dynalay_C.agent_decide(logits, proj, hist, prev, w, t, nop_bias)
+            a, conf, pred = torch.ops.dynalay_C.agent_decide(logits, proj, hist, prev, w, t, nop_bias,
+                                                             m.cfg.conf_mode)
             p = F.softmax(logits, 1)
             ent = -(p * p.log()).sum(1, keepdim=True) / math.log(C)
-            f = torch.cat(([proj] if P else []) + [p.amax(1, keepdim=True), ent,
-                                                   (logits.argmax(1) != prev).to(dtype)[:, None], hist], 1)
+            p64 = F.softmax(logits.double(), 1).amax(1, keepdim=True)
+            want = p64 if conf_feature == "prob" else (p64.log() - (-p64).log1p()).clamp(-6, 6) / 3
+            want = want.to(dtype)
+            assert conf_feature == "prob" or want[0].item() == 2.0
+            f = torch.cat(([proj] if P else []) + [want, ent, (logits.argmax(1) != prev).to(dtype)[:, None], hist], 1)
             with torch.no_grad():
                 gl = m.policy(f, t)
             gl[:, L] += nop_bias
             assert torch.equal(pred, logits.argmax(1))
-            torch.testing.assert_close(conf, p.amax(1), rtol=tol, atol=tol)
+            torch.testing.assert_close(conf, want[:, 0], rtol=tol, atol=tol)
+            mine = head_stats(logits, conf_feature)  # the Python loop's features agree
+            torch.testing.assert_close(mine[0][:, 0], want[:, 0], rtol=tol, atol=tol)
+            assert torch.equal(mine[2], pred)
             top2 = gl.topk(2, 1).values
             clear = (top2[:, 0] - top2[:, 1]) > 1e-4  # rows without a near-tie
             assert clear.float().mean() > 0.9
@@ -139,7 +172,8 @@ def _fused_args(m, x, forced=None, exit_threshold=None):
     agent = [] if forced is not None else [d(t) for t in m._agent_weights()]
     return (x, d(enc.weight), d(enc.bias), d(m.pool.U), d(m.pool.effective_weight()), d(m.pool.b),
             *SolverConfig(c.tol, c.max_iter).validate().op_args(), d(ln.weight), d(ln.bias), ln.eps, d(hl.weight),
-            d(hl.bias), agent, 0.0, c.lam_feature(0.3), forced, exit_threshold, c.max_steps, m.costs.constants)
+            d(hl.bias), agent, 0.0, c.lam_feature(0.3), forced, exit_threshold, c.max_steps, m.costs.constants,
+            c.conf_mode)
 
 
 def test_opcheck_and_bad_input():
@@ -152,9 +186,15 @@ def test_opcheck_and_bad_input():
                               _fused_args(m, x, forced=m.static_actions(23), exit_threshold=0.4))
         w = [t.detach() for t in m._agent_weights()[:6]]
         HD = m.cfg.history_dim
-        torch.library.opcheck(torch.ops.dynalay_C.agent_decide.default,
-                              (torch.randn(9, 5), torch.randn(9, 3), torch.rand(9, HD), torch.full((9,), -1), w, 2,
-                               0.5))
+        for mode in (0, 1):
+            torch.library.opcheck(torch.ops.dynalay_C.agent_decide.default,
+                                  (torch.randn(9, 5), torch.randn(9, 3), torch.rand(9, HD), torch.full((9,), -1), w,
+                                   2, 0.5, mode))
+        with pytest.raises(RuntimeError, match="conf_mode must be 0"):
+            torch.ops.dynalay_C.agent_decide(torch.randn(9, 5), torch.randn(9, 3), torch.rand(9, HD),
+                                             torch.full((9,), -1), w, 2, 0.5, 2)
+        with pytest.raises(RuntimeError, match="conf_mode must be 0"):
+            torch.ops.dynalay_C.run_model(*args[:-1], -1)
         bad = list(args)
         bad[21] = m.static_actions(23)  # both agent weights and a forced table
         with pytest.raises(RuntimeError, match="either agent weights or a forced"):

@@ -95,6 +95,54 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(trained, tmp_path):
         other.resume(good)
 
 
+def test_checkpoint_from_before_the_logodds_feature_loads_as_trained(trained, digits, tmp_path):
+    """A checkpoint written before ``agent_conf`` / ``agent_lr_decay`` existed was trained with
+    the max-probability feature and a constant agent learning rate: it loads with those, and the
+    model then decides as one built with ``agent_conf="prob"``."""
+    tr, model, _, d = trained
+    assert model.cfg.agent_conf == "logodds" and tr.cfg.agent_lr_decay == "linear"  # the defaults
+    ck = torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)
+    del ck["meta"]["model"]["agent_conf"], ck["train_config"]["agent_conf"], ck["train_config"]["agent_lr_decay"]
+    old = tmp_path / "old.pt"
+    torch.save(ck, str(old))
+    cfg, _, m2, _, _ = load_trained(str(old))
+    assert (m2.cfg.agent_conf, cfg.agent_conf, cfg.agent_lr_decay) == ("prob", "prob", "none")
+    x = digits.test.x
+    with torch.no_grad():
+        import dataclasses
+
+        from dynalay.models import DynaLay
+        ref = DynaLay(dataclasses.replace(model.cfg, agent_conf="prob")).eval()
+        ref.load_state_dict(model.state_dict())
+        for lam in (0.05, 0.5):
+            a, b = m2.run(x, lam=lam, details=True), ref.run(x, lam=lam, details=True)
+            assert torch.equal(a.actions, b.actions) and torch.equal(a.logits, b.logits)
+        # the confidence feature is an input of the agent: the two features decide differently
+        c = model.run(x, lam=0.05, details=True)
+        assert not torch.equal(c.actions, m2.run(x, lam=0.05, details=True).actions)
+
+
+def test_agent_learning_rate_schedule(digits):
+    """agent_lr_decay="linear": agent_lr falling to 2% over the agent and refit phases, agent_lr in
+    the joint phase; "none": constant."""
+    for decay in ("linear", "none"):
+        tr = Trainer(TrainConfig(**dict(TINY, agent_epochs=10, refit_epochs=4, agent_lr_decay=decay)), digits, None,
+                     progress=False)
+        lr = tr.cfg.agent_lr
+        got = {}
+        for name, e in (("agent", 0), ("agent", 5), ("agent", 9), ("joint", 1), ("refit", 0), ("refit", 3)):
+            tr._set_agent_lr(name, e)
+            got[(name, e)] = [g["lr"] for g in tr.opt_ag.param_groups]
+        if decay == "none":
+            assert all(v == [lr] for v in got.values())
+        else:
+            assert got[("agent", 0)] == [lr] and got[("agent", 5)] == [0.5 * lr]
+            assert got[("agent", 9)] == [pytest.approx(0.1 * lr)] and got[("joint", 1)] == [lr]
+            assert got[("refit", 0)] == [lr] and got[("refit", 3)] == [pytest.approx(0.25 * lr)]
+    with pytest.raises(ValueError, match="agent_lr_decay"):
+        TrainConfig(agent_lr_decay="cosine").validate()
+
+
 def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     p = tmp_path / "c.pt"
     save_checkpoint(str(p), {"state": {"w": torch.ones(2)}})

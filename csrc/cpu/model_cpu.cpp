@@ -139,9 +139,22 @@ __attribute__((always_inline)) inline void affine(const double* x, int64_t N, co
   affine_blocks<1>(x, N, w, b, M, m, y);
 }
 
+// The confidence feature in log-odds (conf_mode 1, head_stats(..., "logodds")): log(p / (1 - p)) of
+// the max probability p = 1 / sum_j e_j (e_j = exp(l_j - max)) is -log(sum_{j != pred} e_j),
+// summed without the argmax's term (no cancellation in 1 - p), clipped to [-6, 6] and divided by 3
+// so that it spreads the confident range (p = 0.8 .. 0.998) the stopping decisions turn on.
+template <typename S>
+inline double conf_logodds(const S* e, int64_t C, int64_t pred) {
+  double so = 0.0;
+  for (int64_t j = 0; j < C; ++j)
+    if (j != pred) so += static_cast<double>(e[j]);
+  return std::min(6.0, std::max(-6.0, -std::log(so))) / 3.0;
+}
+
 // The agent's decision for rows [r0, r1): from the head's logits (n, C), the state projection
 // (n, P) or none, the history (n, HD) and the previous prediction, the introspection features
-//   f = [proj, max probability, normalised entropy, prediction changed, history]
+//   f = [proj, confidence (max probability, or conf_logodds with conf_mode 1), normalised entropy,
+//        prediction changed, history]
 // then g = out_w tanh(inp_w f + inp_b + step_emb[t]) + out_b + step_bias[t] (+ nop_bias on
 // NOP) and the action argmax g (first maximum).  Policy.forward's arithmetic: sums in double
 // in a fixed order (the softmax statistics as softmax_stats), exp and tanh in the input
@@ -154,7 +167,7 @@ __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t 
                                                             int64_t C, const S* proj, int64_t ps,
                  int64_t P, const S* hist, int64_t HD, const int64_t* prev_pred, const S* inp_w, const S* inp_b,
                  const S* emb, int64_t A, const S* out_w, const S* out_b, const S* bias, int64_t NA,
-                 double nop_bias, int64_t* act, S* conf_out, int64_t* pred_out) {
+                 double nop_bias, int64_t conf_mode, int64_t* act, S* conf_out, int64_t* pred_out) {
   const int64_t F = P + 3 + HD, n = r1 - r0;
   if (n <= 0) return;
   const double inv_log_c = 1.0 / std::log(static_cast<double>(C));
@@ -190,10 +203,11 @@ __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t 
       s += ej;
       ez += ej * (static_cast<double>(l[j]) - mx);
     }
-    const double conf = 1.0 / s;
+    const double pmax = 1.0 / s;
+    const double conf = conf_mode == 1 ? conf_logodds(er, C, pred_out[r]) : pmax;
     for (int64_t p = 0; p < P; ++p) f[p] = static_cast<double>(proj[r * ps + p]);
     f[P] = conf;
-    f[P + 1] = (std::log(s) - ez * conf) * inv_log_c;
+    f[P + 1] = (std::log(s) - ez * pmax) * inv_log_c;
     f[P + 2] = pred_out[r] != prev_pred[r] ? 1.0 : 0.0;
     for (int64_t k = 0; k < HD; ++k) f[P + 3 + k] = static_cast<double>(hist[r * HD + k]);
     affine<kAvx2>(f.data(), F, wt.data(), b_in.data(), A, acc.data());
@@ -217,11 +231,11 @@ __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t 
 #define DYNALAY_DECIDE_ARGS                                                                                   \
   int64_t r0, int64_t r1, const S *logits, int64_t ls, int64_t C, const S *proj, int64_t ps, int64_t P,         \
       const S *hist, int64_t HD, const int64_t *prev_pred, const S *inp_w, const S *inp_b, const S *emb, int64_t A, \
-      const S *out_w, const S *out_b, const S *bias, int64_t NA, double nop_bias, int64_t *act, S *conf_out,        \
-      int64_t *pred_out
+      const S *out_w, const S *out_b, const S *bias, int64_t NA, double nop_bias, int64_t conf_mode, int64_t *act, \
+      S *conf_out, int64_t *pred_out
 #define DYNALAY_DECIDE_PASS \
   r0, r1, logits, ls, C, proj, ps, P, hist, HD, prev_pred, inp_w, inp_b, emb, A, out_w, out_b, bias, NA, nop_bias, \
-      act, conf_out, pred_out
+      conf_mode, act, conf_out, pred_out
 
 #ifdef DYNALAY_X86
 // The same code compiled for AVX2/FMA, chosen at run time (the extension targets baseline x86-64):
@@ -245,7 +259,9 @@ void decide_rows(DYNALAY_DECIDE_ARGS) {
 // The agent_decide op: (actions, conf, pred) for every row of `logits` (see decide_rows).
 std::tuple<Tensor, Tensor, Tensor> agent_decide_cpu(const Tensor& logits, const c10::optional<Tensor>& proj,
                                                     const Tensor& hist, const Tensor& prev_pred, at::TensorList agent,
-                                                    int64_t t, double nop_bias) {
+                                                    int64_t t, double nop_bias, int64_t conf_mode) {
+  TORCH_CHECK(conf_mode == 0 || conf_mode == 1, "dynalay: conf_mode must be 0 (max probability) or 1 (log-odds), got ",
+              conf_mode);
   TORCH_CHECK(logits.dim() == 2 && hist.dim() == 2 && hist.size(0) == logits.size(0),
               "dynalay: agent_decide needs logits (n, C) and hist (n, HD)");
   TORCH_CHECK(prev_pred.dim() == 1 && prev_pred.size(0) == logits.size(0) && prev_pred.scalar_type() == at::kLong,
@@ -278,7 +294,7 @@ std::tuple<Tensor, Tensor, Tensor> agent_decide_cpu(const Tensor& logits, const 
       decide_rows<S>(r0, r1, lg.data_ptr<S>(), lg.stride(0), C, has_proj ? pj.data_ptr<S>() : nullptr,
                      has_proj ? pj.stride(0) : 0, P, hc.data_ptr<S>(), HD, pp.data_ptr<int64_t>(), w[0].data_ptr<S>(),
                      w[1].data_ptr<S>(), w[2].data_ptr<S>() + t * A, A, w[3].data_ptr<S>(), w[4].data_ptr<S>(),
-                     w[5].data_ptr<S>() + t * NA, NA, nop_bias, act.data_ptr<int64_t>(), conf.data_ptr<S>(),
+                     w[5].data_ptr<S>() + t * NA, NA, nop_bias, conf_mode, act.data_ptr<int64_t>(), conf.data_ptr<S>(),
                      pred.data_ptr<int64_t>());
     });
   });
@@ -290,7 +306,7 @@ struct RunArgs {
   Tensor enc_w, enc_b, U, W, b, ln_w, ln_b, w_head, b_head, forced, ones;
   std::vector<Tensor> agent;  // contiguous
   double tol, damping, anderson_lam, eps, ln_eps, nop_bias, lam_feature;
-  int64_t max_iter, anderson_m, T, L, H, C, P, HD, D;
+  int64_t max_iter, anderson_m, T, L, H, C, P, HD, D, conf_mode;
   c10::string_view solver;
   c10::optional<double> exit_threshold;
   bool use_agent;
@@ -436,7 +452,7 @@ void run_rows(const RunArgs& A, const Tensor& x, int64_t r0, int64_t r1, int64_t
       decide_rows<S>(0, n, lg.data(), K, C, P > 0 ? lg.data() + C : nullptr, K, P, hist.data(), HD,
                      prev_pred.data(), w[0].data_ptr<S>(), w[1].data_ptr<S>(), w[2].data_ptr<S>() + t * na, na,
                      w[3].data_ptr<S>(), w[4].data_ptr<S>(), w[5].data_ptr<S>() + t * (L + 1), L + 1, A.nop_bias,
-                     a.data(), conf.data(), pred.data());
+                     A.conf_mode, a.data(), conf.data(), pred.data());
     } else {
       for (int64_t i = 0; i < n; ++i) {
         const int64_t v = forced[rows[i] * T + t];
@@ -547,8 +563,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu
     double tol, int64_t max_iter, c10::string_view solver, double damping, int64_t anderson_m, double anderson_lam,
     double eps, const Tensor& ln_w, const Tensor& ln_b, double ln_eps, const Tensor& head_w, const Tensor& head_b,
     at::TensorList agent, double nop_bias, double lam_feature, const c10::optional<Tensor>& forced,
-    c10::optional<double> exit_threshold, int64_t T, at::ArrayRef<double> costs) {
+    c10::optional<double> exit_threshold, int64_t T, at::ArrayRef<double> costs, int64_t conf_mode) {
   TORCH_CHECK(x_.dim() == 2 && x_.size(0) > 0, "dynalay: run_model needs x of shape (B, D), B >= 1");
+  TORCH_CHECK(conf_mode == 0 || conf_mode == 1, "dynalay: conf_mode must be 0 (max probability) or 1 (log-odds), got ",
+              conf_mode);
   const auto dt = x_.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "dynalay: run_model runs float32 or float64");
   const Tensor x = x_.contiguous();
@@ -578,7 +596,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu
   TORCH_CHECK(A.ln_w.numel() == H && A.ln_b.numel() == H && ln_w.scalar_type() == dt && ln_b.scalar_type() == dt,
               "dynalay: LayerNorm weight and bias must be (H,) of h's dtype");
   A.tol = tol; A.damping = damping; A.anderson_lam = anderson_lam; A.eps = eps; A.ln_eps = ln_eps;
-  A.nop_bias = nop_bias; A.lam_feature = lam_feature; A.max_iter = max_iter; A.anderson_m = anderson_m;
+  A.nop_bias = nop_bias; A.lam_feature = lam_feature; A.conf_mode = conf_mode; A.max_iter = max_iter; A.anderson_m = anderson_m;
   A.T = T; A.L = L; A.H = H; A.C = C; A.HD = 2 * L + 5;  // DynaLayConfig.history_dim
   A.P = agent.size() == 8 ? agent[6].size(0) : 0;
   A.solver = solver; A.exit_threshold = exit_threshold; A.use_agent = use_agent;

@@ -66,13 +66,13 @@ def _register_fakes() -> None:
                 z.new_empty(B, dtype=torch.int32), z.new_empty(B), z.new_empty(B, dtype=torch.bool))
 
     @lib.register_fake("dynalay_C::agent_decide")
-    def _(logits, proj, hist, prev_pred, agent, t, nop_bias):
+    def _(logits, proj, hist, prev_pred, agent, t, nop_bias, conf_mode=0):
         n = logits.shape[0]
         return logits.new_empty(n, dtype=torch.int64), logits.new_empty(n), logits.new_empty(n, dtype=torch.int64)
 
     @lib.register_fake("dynalay_C::run_model")
     def _(x, enc_w, enc_b, U, W, b, tol, max_iter, solver, damping, m, lam, eps, ln_w, ln_b, ln_eps, head_w, head_b,
-          agent, nop_bias, lam_feature, forced, exit_threshold, max_steps, costs):
+          agent, nop_bias, lam_feature, forced, exit_threshold, max_steps, costs, conf_mode=0):
         B, C, T = x.shape[0], head_w.shape[0], max_steps
         i64 = torch.int64
         return (x.new_empty(B, C), x.new_empty(B, dtype=torch.float64), x.new_empty(B, dtype=i64),
@@ -87,14 +87,15 @@ if not _ext.cpp_error():
 def run_model(x: Tensor, enc_w: Tensor, enc_b: Tensor, U: Tensor, W: Tensor, b: Tensor, solve_args: tuple,
               ln_w: Tensor, ln_b: Tensor, ln_eps: float, head_w: Tensor, head_b: Tensor, agent: list, nop_bias: float,
               lam_feature: float, forced: Optional[Tensor], exit_threshold: Optional[float], max_steps: int,
-              costs: list):
+              costs: list, conf_mode: int = 0):
     """DynaLay.run's inference loop in one call (csrc/cpu/model_cpu.cpp), from the input ``x``:
     greedy agent (``agent`` = [inp_w, inp_b, step_emb, out_w, out_b, step_bias(, proj_w, proj_b)])
     or a ``forced`` action table (``agent`` empty); ``costs`` = CostModel's [encoder, layer_fixed,
-    per_iter, head, agent].  Returns (logits, flops, layers, iters, actions, step_iters,
+    per_iter, head, agent]; ``conf_mode`` the agent's confidence feature (0: max probability, 1:
+    log-odds, ``DynaLayConfig.conf_mode``).  Returns (logits, flops, layers, iters, actions, step_iters,
     rows_per_step)."""
     return _ops().run_model(x, enc_w, enc_b, U, W, b, *solve_args, ln_w, ln_b, ln_eps, head_w, head_b, agent,
-                            nop_bias, lam_feature, forced, exit_threshold, max_steps, costs)
+                            nop_bias, lam_feature, forced, exit_threshold, max_steps, costs, conf_mode)
 
 
 def grouped_linear(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, transpose: bool) -> Tensor:

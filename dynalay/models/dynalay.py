@@ -74,6 +74,8 @@ class DynaLayConfig:
                                  # relative change, the head's confidence/entropy on it)
     agent_hidden: int = 64       # A: agent MLP width
     agent_prior: float = 2.0     # initial logit prior for the static schedule (Policy.step_bias)
+    agent_conf: str = "logodds"  # the agent's confidence feature: "logodds" (clipped log-odds of the
+                                 # max probability, see head_stats) or "prob" (the max probability)
     lam_min: float = 0.02        # the agent is conditioned on the compute price lambda in
     lam_max: float = 2.0         # [lam_min, lam_max] (log scale): the inference-time knob
     backend: Optional[str] = None  # dynalay backend (None: auto)
@@ -100,9 +102,16 @@ class DynaLayConfig:
             raise ValueError("DynaLayConfig.num_classes must be >= 2")
         if not (self.tol > 0 and math.isfinite(self.tol)):
             raise ValueError(f"DynaLayConfig.tol must be a finite float > 0 (got {self.tol!r})")
+        if self.agent_conf not in CONF_FEATURES:
+            raise ValueError(f"DynaLayConfig.agent_conf must be one of {CONF_FEATURES} (got {self.agent_conf!r})")
         if not (0 < self.lam_min < self.lam_max):
             raise ValueError(f"DynaLayConfig needs 0 < lam_min < lam_max (got {self.lam_min}, {self.lam_max})")
         return self
+
+    @property
+    def conf_mode(self) -> int:
+        """``agent_conf`` as the C++ kernels' ``conf_mode`` (0: max probability, 1: log-odds)."""
+        return CONF_FEATURES.index(self.agent_conf)
 
     @property
     def history_dim(self) -> int:
@@ -134,7 +143,8 @@ class CostModel:
     head          ``2 H C + 5 H``                      (LayerNorm, Linear H->C)
     agent         ``2 H P + 2 F A + A + 2 A (L+1) + (L+1) + 6 C + 6 H``  (projection, MLP with step
                                                         embedding, softmax/entropy features, relative
-                                                        state change)
+                                                        state change; ``+ C + 2`` for the log-odds
+                                                        confidence: a sum, a log, a clip)
     layer solve   ``2 H^2 + k * 2 H^2``                (projection U h + b, then k f-evaluations
                                                         z <- tanh(W z + U h + b), k = iterations
                                                         the solve actually spent)
@@ -147,7 +157,8 @@ class CostModel:
         P, A, Fd = cfg.agent_state_dim, cfg.agent_hidden, cfg.feature_dim
         self.encoder = float(2 * D * H + H)
         self.head = float(2 * H * C + 5 * H)
-        self.agent = float(2 * H * P + 2 * Fd * A + A + 2 * A * (L + 1) + (L + 1) + 6 * C + 6 * H)
+        self.agent = float(2 * H * P + 2 * Fd * A + A + 2 * A * (L + 1) + (L + 1) + 6 * C + 6 * H
+                           + (C + 2 if cfg.agent_conf == "logodds" else 0))
         self.layer_fixed = float(2 * H * H)
         self.per_iter = float(2 * H * H)
         self.max_iter = cfg.max_iter
@@ -191,17 +202,32 @@ def _solve_args(tol: float, max_iter: int) -> tuple:
     return SolverConfig(tol, max_iter).validate().op_args()
 
 
-def head_stats(logits: Tensor):
-    """The agent's view of the head on a state: ``(conf, ent, pred)``, the max probability
-    ``(n, 1)``, the entropy normalised by ``log C`` ``(n, 1)`` and the argmax ``(n,)``."""
+CONF_FEATURES = ("prob", "logodds")
+LOGODDS_CLIP = 6.0  # the log-odds confidence feature: clip(log(p / (1 - p)), -6, 6) / 3
+
+
+def head_stats(logits: Tensor, conf: str = "prob"):
+    """The agent's view of the head on a state: ``(conf, ent, pred)``: the confidence ``(n, 1)``,
+    the entropy normalised by ``log C`` ``(n, 1)`` and the argmax ``(n,)``.
+
+    ``conf="prob"``: the max probability ``p``.  ``conf="logodds"``: ``clip(log(p / (1 - p)), -6, 6)
+    / 3``, computed as ``-log(sum_{j != argmax} exp(l_j - max))`` (no cancellation in ``1 - p``).
+    On ``p`` the confident range where stopping decisions are made (``p`` = 0.8 .. 0.998) is
+    squeezed into 0.2; in log-odds it spans 1.4 .. 6.  The C++ kernels (``conf_mode`` 1) compute
+    the same."""
+    if conf not in CONF_FEATURES:
+        raise ValueError(f"conf must be one of {CONF_FEATURES} (got {conf!r})")
     lg = logits.detach()
     mx, pred = lg.max(1, keepdim=True)
     z = lg - mx
     e = z.exp()
     s_ = e.sum(1, keepdim=True)
-    conf = s_.reciprocal()
-    ent = (s_.log() - (e * z).sum(1, keepdim=True) * conf) * (1.0 / math.log(lg.shape[1]))
-    return conf, ent, pred.squeeze(1)
+    p = s_.reciprocal()
+    ent = (s_.log() - (e * z).sum(1, keepdim=True) * p) * (1.0 / math.log(lg.shape[1]))
+    if conf == "logodds":
+        other = e.scatter(1, pred, 0.0).sum(1, keepdim=True)
+        p = (-other.log()).clamp(-LOGODDS_CLIP, LOGODDS_CLIP) * (1.0 / 3.0)
+    return p, ent, pred.squeeze(1)
 
 
 @torch.no_grad()
@@ -523,9 +549,9 @@ class DynaLay(nn.Module):
                 a = torch.full((n,), L, dtype=i64, device=dev)
             elif use_agent and c_decide:  # the agent_decide kernel (the fused loop's arithmetic)
                 a, conf, pred = torch.ops.dynalay_C.agent_decide(logits_t, proj, hist, prev_pred, agent_w, t,
-                                                                 float(nop_bias))
+                                                                 float(nop_bias), cfg.conf_mode)
             elif use_agent:
-                conf, ent, pred = head_stats(logits_t)
+                conf, ent, pred = head_stats(logits_t, cfg.agent_conf)
                 changed = (pred != prev_pred).unsqueeze(1).to(h.dtype)
                 f = torch.cat([proj, conf, ent, changed, hist] if P > 0 else [conf, ent, changed, hist], 1)
                 conf = conf.squeeze(1)
@@ -713,7 +739,7 @@ class DynaLay(nn.Module):
             x, enc.weight, enc.bias, self.pool.U, W, self.pool.b, _solve_args(cfg.tol, cfg.max_iter), ln.weight,
             ln.bias, ln.eps, head_lin.weight, head_lin.bias, agent, float(nop_bias), lam_feature,
             forced if policy == "forced" else None, None if exit_threshold is None else float(exit_threshold),
-            cfg.max_steps, cost.constants)
+            cfg.max_steps, cost.constants, cfg.conf_mode)
         rows_per_step = [v for v in rps.tolist() if v > 0]
         return DynaLayOutput(logits, flops, layers, iters, rows_per_step, actions if details else None,
                              step_iters if details else None)

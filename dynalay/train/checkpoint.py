@@ -68,6 +68,22 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> str:
     return path
 
 
+# settings added after checkpoints of this version were first written: (section, key, the value
+# that reproduces what such a checkpoint was trained with)
+LEGACY_DEFAULTS = ((("meta", "model"), "agent_conf", "prob"), (("train_config",), "agent_conf", "prob"),
+                   (("train_config",), "agent_lr_decay", "none"))
+
+
+def _upgrade(obj: Dict[str, Any]) -> None:
+    """Fill the settings an older checkpoint lacks with the values it was trained with."""
+    for where, key, value in LEGACY_DEFAULTS:
+        d = obj
+        for k in where:
+            d = d.get(k) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            d.setdefault(key, value)
+
+
 def load_checkpoint(path: str, expect: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Read and verify a checkpoint.  ``expect``: entries of the checkpoint's ``"meta"`` that must
     match (e.g. dataset, model configuration)."""
@@ -85,6 +101,7 @@ def load_checkpoint(path: str, expect: Optional[Dict[str, Any]] = None) -> Dict[
                               f"version {VERSION}")
     if "state" not in obj or digest(obj["state"]) != obj.get("sha256"):
         raise CheckpointError(f"checkpoint {path!r} is corrupt: its tensors do not match the stored SHA-256")
+    _upgrade(obj)
     if expect:
         meta = obj.get("meta", {})
         for k, v in expect.items():

@@ -14,7 +14,9 @@ Schedule (one seed; every phase is a number of epochs in :class:`TrainConfig`):
    phase, and the expected reward of the stochastic policy (each sample at a lambda drawn
    log-uniformly from ``[lam_min, lam_max]``) is computed by backward induction and maximised
    with Adam, plus an entropy bonus ``entropy_beta`` that decays linearly to 0 at 80% of the
-   phase (evaluation is greedy).  Optionally (``agent_select_fraction > 0``) a seeded share of
+   phase (evaluation is greedy).  The agent's learning rate decays linearly from ``agent_lr``
+   to 2% over the phase (``agent_lr_decay="linear"``), so that the phase ends on a settled
+   policy rather than on a late iterate of a constant-step optimiser.  Optionally (``agent_select_fraction > 0``) a seeded share of
    ``val`` is held out and the epoch whose greedy policy has the best exact reward there (mean
    over 9 log-spaced lambdas) is kept.  ``agent_method="reinforce"``: REINFORCE with ``rollouts``
    sampled trajectories per input, the per-decision return-to-go of
@@ -65,6 +67,7 @@ from .tree import MAX_TREE_SOLVES, build_tree, expected_return, tree_solves
 PHASES = ("mlp", "warmup", "agent", "joint", "refit")
 BASELINES = ("learned", "self_critical", "rloo", "rloo_step")
 AGENT_METHODS = ("tree", "reinforce")
+AGENT_LR_DECAYS = ("linear", "none")
 
 
 class TrainingDiverged(RuntimeError):
@@ -85,6 +88,7 @@ class TrainConfig:
     spectral_bound: float = 0.9
     agent_state_dim: int = 0
     agent_hidden: int = 16
+    agent_conf: str = "logodds"  # the agent's confidence feature (DynaLayConfig.agent_conf)
     lam_min: float = 0.02
     lam_max: float = 2.0
     backend: Optional[str] = None
@@ -103,6 +107,7 @@ class TrainConfig:
     ds_weight: float = 1.0
     h0_weight: float = 0.1
     agent_lr: float = 1e-2
+    agent_lr_decay: str = "linear"  # agent and refit phases: "linear" (agent_lr -> 2% over the phase) or "none"
     agent_batch: int = 64
     agent_method: str = "tree"  # "tree": exact policy gradient over the enumerated decision tree; "reinforce"
     agent_select_fraction: float = 0.0  # tree: share of val held out to pick the agent phase's best epoch
@@ -148,7 +153,8 @@ class TrainConfig:
                              num_layers=self.num_layers, max_steps=self.max_steps, tol=self.tol,
                              max_iter=self.max_iter, backward_max_iter=self.backward_max_iter,
                              spectral_bound=self.spectral_bound, agent_state_dim=self.agent_state_dim,
-                             agent_hidden=self.agent_hidden, lam_min=self.lam_min, lam_max=self.lam_max,
+                             agent_hidden=self.agent_hidden, agent_conf=self.agent_conf,
+                             lam_min=self.lam_min, lam_max=self.lam_max,
                              backend=self.backend)
 
     def validate(self) -> "TrainConfig":
@@ -160,6 +166,8 @@ class TrainConfig:
             raise ValueError("agent_select_fraction must be in [0, 1)")
         if self.agent_select_every < 1:
             raise ValueError("agent_select_every must be >= 1")
+        if self.agent_lr_decay not in AGENT_LR_DECAYS:
+            raise ValueError(f"agent_lr_decay must be one of {AGENT_LR_DECAYS} (got {self.agent_lr_decay!r})")
         if self.adv_norm not in ("std", "center", "none"):
             raise ValueError(f"adv_norm must be 'std', 'center' or 'none' (got {self.adv_norm!r})")
         for k in ("mlp_epochs", "warmup_epochs", "agent_epochs", "joint_epochs", "refit_epochs"):
@@ -591,6 +599,17 @@ class Trainer:
                                    policy={k: v.detach().clone() for k, v in self.model.policy.state_dict().items()})
         return score
 
+    def _set_agent_lr(self, name: str, e: int) -> None:
+        """The agent's learning rate at epoch ``e`` of phase ``name``: ``agent_lr`` in the joint
+        phase; in the agent and refit phases, with ``agent_lr_decay="linear"``, falling linearly to
+        2% of it at the last epoch.  Set from ``(name, e)`` alone, so a resumed run agrees."""
+        c = self.cfg
+        f = 1.0
+        if c.agent_lr_decay == "linear" and name in ("agent", "refit"):
+            f = max(0.02, 1.0 - e / max(1, self._phase_epochs(name)))
+        for g in self.opt_ag.param_groups:
+            g["lr"] = c.agent_lr * f
+
     def _reset_agent(self) -> None:
         """The refit phase starts the agent afresh (seeded) on the final backbone."""
         # Policy's own initialisation, from the global RNG that fit() seeds at every epoch
@@ -695,6 +714,8 @@ class Trainer:
         tree = c.agent_method == "tree"
         if name == "refit" and e == 0:
             self._reset_agent()
+        if name in ("agent", "joint", "refit"):
+            self._set_agent_lr(name, e)
         if tree and name == "joint" or tree and name in ("agent", "refit") and (e == 0 or self._tree is None):
             self._build_trees(select=name != "joint")  # the joint phase moves the backbone: every epoch
         n_ag = len(self.agent_idx)

@@ -115,7 +115,7 @@ def _build_chunk(model, x, y, reward, cost_ref, W, layer_cost):
         if d == T:
             break
         # the agent's features, as DynaLay.run computes them
-        conf, ent, pred = head_stats(logits)
+        conf, ent, pred = head_stats(logits, cfg.agent_conf)
         changed = (pred != prev_pred).unsqueeze(1).to(hs.dtype)
         feats.append(torch.cat([conf, ent, changed, hist], 1).view(N, -1, 3 + cfg.history_dim))
         if states is not None:
