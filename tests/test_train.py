@@ -342,7 +342,7 @@ def test_cli_agent_flags_reach_the_config():
     cfg = _build_config(args)
     assert (cfg.agent_method, cfg.reward.accuracy, cfg.refit_epochs) == ("reinforce", "prob", 7)
     default = _build_config(ap.parse_args(["train"]))
-    assert (default.agent_method, default.reward.accuracy, default.knob) == ("tree", "correct", 0.05)
+    assert (default.agent_method, default.reward.accuracy, default.knob) == ("tree", "correct", 0.025)
 
 
 def test_envelope_and_its_paired_standard_error():

@@ -116,12 +116,12 @@ class DynaLayConfig:
     @property
     def history_dim(self) -> int:
         # layer-use counts / T | last action one-hot | last solve's iters / max_iter | last converged |
-        # relative state change of the last layer | max probability on the previous state | lambda
+        # relative state change of the last layer | confidence on the previous state | lambda
         return 2 * self.num_layers + 5
 
     @property
     def feature_dim(self) -> int:
-        # proj(LayerNorm(h)) (agent_state_dim, 0 = off) | the head's max probability and normalised
+        # proj(LayerNorm(h)) (agent_state_dim, 0 = off) | the head's confidence (agent_conf) and normalised
         # entropy on h, prediction changed since the previous state | history  (+ a learned per-step
         # embedding and logit prior inside the policy: the step index)
         return self.agent_state_dim + 3 + self.history_dim

@@ -124,7 +124,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     # evaluation
     eval_batch: int = 256
-    knob: Optional[float] = 0.05  # default lambda at inference ("dynalay"); None: calibrate on val
+    knob: Optional[float] = 0.025  # default lambda at inference ("dynalay"); None: calibrate on val
     knob_tolerance: float = 0.0  # calibration: cheapest lambda within this of static's val accuracy
     knobs: List[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0])
     exit_thresholds: List[float] = field(default_factory=lambda: [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
