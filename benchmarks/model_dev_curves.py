@@ -1,8 +1,9 @@
 """Curves of a run's checkpoints on a *development* set: fresh MNIST-1D samples generated with
 another seed (``mnist1d.data.make_dataset``, seed 1234, 8000 samples), never the test split.
 
-Session 9 chose the agent's training settings and the default knob on this set (see
-``benchmarks/results/model/results.md``).  Usage::
+Sessions 9 and 12 chose the agent's training settings and the default knob on this set (see
+``benchmarks/results/model/results.md``; ``agent_refit_dev.py`` refits agents with other settings on
+a run's backbones and prints the same table).  Usage::
 
     python benchmarks/model_dev_curves.py RUN_FOLDER [--seeds 0 1 2]
 
@@ -33,6 +34,43 @@ def dev_set(n: int = 8000, seed: int = 1234):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def collect(m, data, x_raw, y, res, lams=LAMS) -> None:
+    """Append the (accuracy, FLOPs) of ``m`` (static, every lambda, early exit, truncation) on the
+    dev set, standardised with the run's statistics, to ``res``."""
+    x = (x_raw - data.mean) / torch.where(data.std > 1e-6, data.std, torch.ones_like(data.std))
+    m.eval()
+    W = m.inference_weight()
+
+    def point(o):
+        return float((o.logits.argmax(1) == y).double().mean()), float(o.flops.mean())
+
+    with torch.inference_mode():
+        res.setdefault("static", []).append(point(m.run_static(x, W=W)))
+        for lam in lams:
+            res.setdefault(("lam", lam), []).append(point(m.run(x, lam=lam, W=W)))
+        for th in THRESHOLDS:
+            res.setdefault(("ee", th), []).append(point(m.run_static(x, exit_threshold=th, W=W)))
+        for k in range(m.cfg.max_steps + 1):
+            res.setdefault(("tr", k), []).append(point(m.run_static(x, steps=k, W=W)))
+
+
+def table(res, lams=LAMS) -> str:
+    """The mean over seeds of ``res`` as a table (margins in points)."""
+    mean = {k: np.mean(v, 0) for k, v in res.items()}
+    st_acc, st_fl = mean["static"]
+    ee, tr = ([dict(accuracy=v[0], flops_per_sample=v[1]) for k, v in mean.items()
+               if isinstance(k, tuple) and k[0] == kind] for kind in ("ee", "tr"))
+    out = [f"static {st_acc * 100:.2f}% at {st_fl / 1e6:.3f} MFLOPs",
+           "lambda   accuracy  gap_vs_static  flops_vs_static  vs_early_exit  vs_truncation"]
+    for lam in lams:
+        a, f = mean[("lam", lam)]
+        e, t = envelope_interp(ee, f), envelope_interp(tr, f)
+        fmt = lambda v: "" if v is None else f"{(a - v) * 100:+.2f}"  # noqa: E731
+        out.append(f"{lam:<8} {a * 100:8.2f}  {(a - st_acc) * 100:+13.2f}  {f / st_fl:15.3f}  {fmt(e):>13}  "
+                   f"{fmt(t):>13}")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
@@ -43,33 +81,8 @@ def main() -> None:
     res = {}
     for seed in args.seeds:
         cfg, data, m, mlp, ck = load_trained(os.path.join(args.run, f"seed{seed}", "checkpoint.pt"))
-        x = (x_raw - data.mean) / torch.where(data.std > 1e-6, data.std, torch.ones_like(data.std))
-        m.eval()
-        W = m.inference_weight()
-
-        def point(o):
-            return float((o.logits.argmax(1) == y).double().mean()), float(o.flops.mean())
-
-        with torch.inference_mode():
-            res.setdefault("static", []).append(point(m.run_static(x, W=W)))
-            for lam in LAMS:
-                res.setdefault(("lam", lam), []).append(point(m.run(x, lam=lam, W=W)))
-            for th in THRESHOLDS:
-                res.setdefault(("ee", th), []).append(point(m.run_static(x, exit_threshold=th, W=W)))
-            for k in range(m.cfg.max_steps + 1):
-                res.setdefault(("tr", k), []).append(point(m.run_static(x, steps=k, W=W)))
-    mean = {k: np.mean(v, 0) for k, v in res.items()}
-    st_acc, st_fl = mean["static"]
-    ee, tr = ([dict(accuracy=v[0], flops_per_sample=v[1]) for k, v in mean.items()
-               if isinstance(k, tuple) and k[0] == kind] for kind in ("ee", "tr"))
-    print(f"dev set: {len(y)} generated MNIST-1D samples; seeds {args.seeds}; static {st_acc * 100:.2f}% "
-          f"at {st_fl / 1e6:.3f} MFLOPs")
-    print("lambda   accuracy  gap_vs_static  flops_vs_static  vs_early_exit  vs_truncation")
-    for lam in LAMS:
-        a, f = mean[("lam", lam)]
-        e, t = envelope_interp(ee, f), envelope_interp(tr, f)
-        fmt = lambda v: "" if v is None else f"{(a - v) * 100:+.2f}"  # noqa: E731
-        print(f"{lam:<8} {a * 100:8.2f}  {(a - st_acc) * 100:+13.2f}  {f / st_fl:15.3f}  {fmt(e):>13}  {fmt(t):>13}")
+        collect(m, data, x_raw, y, res)
+    print(f"dev set: {len(y)} generated MNIST-1D samples; seeds {args.seeds}; " + table(res))
 
 
 if __name__ == "__main__":
