@@ -85,6 +85,20 @@ def test_kernels_match_the_pure_python_features(conf_feature):
             torch.testing.assert_close(got.logits, want.logits, rtol=1e-12, atol=1e-12)
 
 
+def test_confidence_feature_keeps_nan():
+    """A NaN logit row gives a NaN confidence in both modes, in C++ as in Python (not a clipped
+    number that would look like a real confidence)."""
+    m = _model(2, torch.float64)
+    w = [t.detach() for t in m._agent_weights()[:6]]
+    logits = torch.randn(3, 5, dtype=torch.float64)
+    logits[1, 2] = float("nan")
+    hist = torch.rand(3, m.cfg.history_dim, dtype=torch.float64)
+    for mode, name in enumerate(("prob", "logodds")):
+        conf = torch.ops.dynalay_C.agent_decide(logits, None, hist, torch.full((3,), -1), w, 0, 0.0, mode)[1]
+        assert conf.isnan().tolist() == [False, True, False]
+        assert head_stats(logits, name)[0][:, 0].isnan().tolist() == [False, True, False]
+
+
 def test_fused_loop_stops_and_recomputes():
     """All rows NOP at step 0 (no solve at all), and a layer picked again (recomputation)."""
     m = _model(5)

@@ -148,7 +148,8 @@ inline double conf_logodds(const S* e, int64_t C, int64_t pred) {
   double so = 0.0;
   for (int64_t j = 0; j < C; ++j)
     if (j != pred) so += static_cast<double>(e[j]);
-  return std::min(6.0, std::max(-6.0, -std::log(so))) / 3.0;
+  const double v = -std::log(so);
+  return std::isnan(v) ? v : std::min(6.0, std::max(-6.0, v)) / 3.0;  // NaN stays NaN, as in torch.clamp
 }
 
 // The agent's decision for rows [r0, r1): from the head's logits (n, C), the state projection
@@ -260,8 +261,8 @@ void decide_rows(DYNALAY_DECIDE_ARGS) {
 std::tuple<Tensor, Tensor, Tensor> agent_decide_cpu(const Tensor& logits, const c10::optional<Tensor>& proj,
                                                     const Tensor& hist, const Tensor& prev_pred, at::TensorList agent,
                                                     int64_t t, double nop_bias, int64_t conf_mode) {
-  TORCH_CHECK(conf_mode == 0 || conf_mode == 1, "dynalay: conf_mode must be 0 (max probability) or 1 (log-odds), got ",
-              conf_mode);
+  TORCH_CHECK(conf_mode == 0 || conf_mode == 1,
+              "dynalay: conf_mode must be 0 (max probability) or 1 (log-odds), got ", conf_mode);
   TORCH_CHECK(logits.dim() == 2 && hist.dim() == 2 && hist.size(0) == logits.size(0),
               "dynalay: agent_decide needs logits (n, C) and hist (n, HD)");
   TORCH_CHECK(prev_pred.dim() == 1 && prev_pred.size(0) == logits.size(0) && prev_pred.scalar_type() == at::kLong,
@@ -294,8 +295,8 @@ std::tuple<Tensor, Tensor, Tensor> agent_decide_cpu(const Tensor& logits, const 
       decide_rows<S>(r0, r1, lg.data_ptr<S>(), lg.stride(0), C, has_proj ? pj.data_ptr<S>() : nullptr,
                      has_proj ? pj.stride(0) : 0, P, hc.data_ptr<S>(), HD, pp.data_ptr<int64_t>(), w[0].data_ptr<S>(),
                      w[1].data_ptr<S>(), w[2].data_ptr<S>() + t * A, A, w[3].data_ptr<S>(), w[4].data_ptr<S>(),
-                     w[5].data_ptr<S>() + t * NA, NA, nop_bias, conf_mode, act.data_ptr<int64_t>(), conf.data_ptr<S>(),
-                     pred.data_ptr<int64_t>());
+                     w[5].data_ptr<S>() + t * NA, NA, nop_bias, conf_mode, act.data_ptr<int64_t>(),
+                     conf.data_ptr<S>(), pred.data_ptr<int64_t>());
     });
   });
   return {act, conf, pred};
@@ -565,8 +566,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu
     at::TensorList agent, double nop_bias, double lam_feature, const c10::optional<Tensor>& forced,
     c10::optional<double> exit_threshold, int64_t T, at::ArrayRef<double> costs, int64_t conf_mode) {
   TORCH_CHECK(x_.dim() == 2 && x_.size(0) > 0, "dynalay: run_model needs x of shape (B, D), B >= 1");
-  TORCH_CHECK(conf_mode == 0 || conf_mode == 1, "dynalay: conf_mode must be 0 (max probability) or 1 (log-odds), got ",
-              conf_mode);
+  TORCH_CHECK(conf_mode == 0 || conf_mode == 1,
+              "dynalay: conf_mode must be 0 (max probability) or 1 (log-odds), got ", conf_mode);
   const auto dt = x_.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "dynalay: run_model runs float32 or float64");
   const Tensor x = x_.contiguous();
@@ -596,7 +597,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu
   TORCH_CHECK(A.ln_w.numel() == H && A.ln_b.numel() == H && ln_w.scalar_type() == dt && ln_b.scalar_type() == dt,
               "dynalay: LayerNorm weight and bias must be (H,) of h's dtype");
   A.tol = tol; A.damping = damping; A.anderson_lam = anderson_lam; A.eps = eps; A.ln_eps = ln_eps;
-  A.nop_bias = nop_bias; A.lam_feature = lam_feature; A.conf_mode = conf_mode; A.max_iter = max_iter; A.anderson_m = anderson_m;
+  A.nop_bias = nop_bias; A.lam_feature = lam_feature; A.conf_mode = conf_mode;
+  A.max_iter = max_iter; A.anderson_m = anderson_m;
   A.T = T; A.L = L; A.H = H; A.C = C; A.HD = 2 * L + 5;  // DynaLayConfig.history_dim
   A.P = agent.size() == 8 ? agent[6].size(0) : 0;
   A.solver = solver; A.exit_threshold = exit_threshold; A.use_agent = use_agent;

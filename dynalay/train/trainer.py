@@ -16,8 +16,8 @@ Schedule (one seed; every phase is a number of epochs in :class:`TrainConfig`):
    with Adam, plus an entropy bonus ``entropy_beta`` that decays linearly to 0 at 80% of the
    phase (evaluation is greedy).  The agent's learning rate decays linearly from ``agent_lr``
    to 2% over the phase (``agent_lr_decay="linear"``), so that the phase ends on a settled
-   policy rather than on a late iterate of a constant-step optimiser.  Optionally (``agent_select_fraction > 0``) a seeded share of
-   ``val`` is held out and the epoch whose greedy policy has the best exact reward there (mean
+   policy rather than on a late iterate of a constant-step optimiser.  Optionally
+   (``agent_select_fraction > 0``) a seeded share of ``val`` is held out and the epoch whose greedy policy has the best exact reward there (mean
    over 9 log-spaced lambdas) is kept.  ``agent_method="reinforce"``: REINFORCE with ``rollouts``
    sampled trajectories per input, the per-decision return-to-go of
    :mod:`dynalay.train.reward`, a baseline (leave-one-out ``rloo`` by default, a learned
