@@ -553,7 +553,9 @@ void run_rows(const RunArgs& A, const Tensor& x, int64_t r0, int64_t r1, int64_t
 // call has a fixed cost (measured on 2 cores, B = 256, H = 256: 128 rows per chunk beat 64 and
 // 32 for both DynaLay and the static baseline); at least two chunks, and >= 1 MFLOP per GEMM.
 int64_t chunk_rows(int64_t B, int64_t H) {
-  static const char* force = std::getenv("DYNALAY_CPU_CHUNK_ROWS");  // tuning/diagnosis only
+  // tuning/diagnosis only; read at every call (one getenv per batch), so that one process can
+  // time several settings back to back
+  const char* force = std::getenv("DYNALAY_CPU_CHUNK_ROWS");
   if (force != nullptr && std::atoll(force) > 0) return std::atoll(force);
   const int64_t min_rows = std::max<int64_t>(16, (int64_t(1) << 20) / (2 * H * H));
   return std::min<int64_t>(B, std::max<int64_t>(min_rows, std::min<int64_t>(128, (B + 1) / 2)));
