@@ -1,4 +1,5 @@
 """Training, evaluation, checkpoints, resume, NaN handling, the CLI and DDP (small budgets, digits)."""
+import dataclasses
 import json
 import os
 import socket
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from dynalay.models import DynaLay
 from dynalay.train import report as R
 from dynalay.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dynalay.train.cli import load_trained
@@ -109,9 +111,6 @@ def test_checkpoint_from_before_the_logodds_feature_loads_as_trained(trained, di
     assert (m2.cfg.agent_conf, cfg.agent_conf, cfg.agent_lr_decay) == ("prob", "prob", "none")
     x = digits.test.x
     with torch.no_grad():
-        import dataclasses
-
-        from dynalay.models import DynaLay
         ref = DynaLay(dataclasses.replace(model.cfg, agent_conf="prob")).eval()
         ref.load_state_dict(model.state_dict())
         for lam in (0.05, 0.5):

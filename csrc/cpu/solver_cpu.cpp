@@ -754,6 +754,14 @@ void tanh_inplace_impl(int64_t n, T* x) {
   }
   for (int64_t i = 0; i < n; ++i) x[i] = std::tanh(x[i]);
 }
+template <typename T>
+void exp_inplace_impl(int64_t n, T* x) {
+  if (kVmlExp) {
+    mkl_exp(n, x);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
 }  // namespace
 
 void rows_times_wt(int64_t n, int64_t K, int64_t H, const float* X, const float* W, float* out) {
@@ -764,14 +772,8 @@ void rows_times_wt(int64_t n, int64_t K, int64_t H, const double* X, const doubl
 }
 void tanh_inplace(int64_t n, float* x) { tanh_inplace_impl(n, x); }
 void tanh_inplace(int64_t n, double* x) { tanh_inplace_impl(n, x); }
-void exp_inplace(int64_t n, float* x) {
-  if (kVmlExp) return mkl_exp(n, x);
-  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
-}
-void exp_inplace(int64_t n, double* x) {
-  if (kVmlExp) return mkl_exp(n, x);
-  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
-}
+void exp_inplace(int64_t n, float* x) { exp_inplace_impl(n, x); }
+void exp_inplace(int64_t n, double* x) { exp_inplace_impl(n, x); }
 
 // One DynaLay step, fused: group once, inj = h U[l]^T + b[l] straight into the packed
 // constant term, solve every group, copy the NOP rows of h.  h_new is never zero-filled:
