@@ -746,21 +746,11 @@ void rows_times_wt_impl(int64_t n, int64_t K, int64_t H, const T* X, const T* W,
   for (int64_t i = 0; i < n; ++i)
     for (int64_t k = 0; k < K; ++k) out[i * K + k] = static_cast<T>(dot<T>(X + i * H, W + k * H, H));
 }
-template <typename T>
-void tanh_inplace_impl(int64_t n, T* x) {
-  if (kDirectMkl) {
-    mkl_tanh(n, x);
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) x[i] = std::tanh(x[i]);
-}
-template <typename T>
-void exp_inplace_impl(int64_t n, T* x) {
-  if (kVmlExp) {
-    mkl_exp(n, x);
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+// x = f(x) elementwise: through VML when `vml` (one vectorised call), else element by element.
+template <typename T, typename Vml, typename F>
+void map_inplace(bool vml, Vml vml_fn, F f, int64_t n, T* x) {
+  if (vml) return vml_fn(n, x);
+  for (int64_t i = 0; i < n; ++i) x[i] = f(x[i]);
 }
 }  // namespace
 
@@ -770,10 +760,18 @@ void rows_times_wt(int64_t n, int64_t K, int64_t H, const float* X, const float*
 void rows_times_wt(int64_t n, int64_t K, int64_t H, const double* X, const double* W, double* out) {
   rows_times_wt_impl(n, K, H, X, W, out);
 }
-void tanh_inplace(int64_t n, float* x) { tanh_inplace_impl(n, x); }
-void tanh_inplace(int64_t n, double* x) { tanh_inplace_impl(n, x); }
-void exp_inplace(int64_t n, float* x) { exp_inplace_impl(n, x); }
-void exp_inplace(int64_t n, double* x) { exp_inplace_impl(n, x); }
+void tanh_inplace(int64_t n, float* x) {
+  map_inplace(kDirectMkl, [](int64_t m, float* y) { mkl_tanh(m, y); }, [](float v) { return std::tanh(v); }, n, x);
+}
+void tanh_inplace(int64_t n, double* x) {
+  map_inplace(kDirectMkl, [](int64_t m, double* y) { mkl_tanh(m, y); }, [](double v) { return std::tanh(v); }, n, x);
+}
+void exp_inplace(int64_t n, float* x) {
+  map_inplace(kVmlExp, [](int64_t m, float* y) { mkl_exp(m, y); }, [](float v) { return std::exp(v); }, n, x);
+}
+void exp_inplace(int64_t n, double* x) {
+  map_inplace(kVmlExp, [](int64_t m, double* y) { mkl_exp(m, y); }, [](double v) { return std::exp(v); }, n, x);
+}
 
 // One DynaLay step, fused: group once, inj = h U[l]^T + b[l] straight into the packed
 // constant term, solve every group, copy the NOP rows of h.  h_new is never zero-filled:
