@@ -5,9 +5,10 @@
 // forced action table (static, truncation, early exit), with compaction, no hard budget and no
 // gradient.  The batch is cut into chunks (chunk_rows: sizes only, never the thread count);
 // each chunk runs on one thread through the encoder and every step:
-//   - the LayerNorm and the head (plus the agent's projection): per row on AVX2 (head_rows);
+//   - the LayerNorm and the head (plus the agent's projection): per row on AVX2, the LayerNorm
+//     folded into the head's weights once per call (head_rows, fold_head);
 //   - the agent's decision (decide_rows);
-//   - compaction of the rows that stop;
+//   - compaction of the rows that stop (in place in the chunk's own state buffer);
 //   - one dynamic_step for the rows that go on (one block per group);
 //   - the history update.
 // At the end come the FLOPs per row.  This replaced ~40 Python-level ATen calls per step
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -152,6 +154,43 @@ inline double conf_logodds(const S* e, int64_t C, int64_t pred) {
   return std::isnan(v) ? v : std::min(6.0, std::max(-6.0, v)) / 3.0;  // NaN stays NaN, as in torch.clamp
 }
 
+// The agent's weights for step t in the layout decide_rows reads: the input layer transposed to
+// double (wt: F x A), the output layer (wo: A x NA), and the bias terms folded (b_in = inp_b +
+// step_emb[t], b_out = out_b + step_bias[t]).  Built once per call and step, not per chunk.
+struct DecideWeights {
+  int64_t F = 0, A = 0, NA = 0;
+  std::vector<double> wt, b_in, wo, b_out;
+};
+
+template <typename S>
+DecideWeights prepare_decide(const S* inp_w, const S* inp_b, const S* emb, int64_t F, int64_t A, const S* out_w,
+                             const S* out_b, const S* bias, int64_t NA) {
+  DecideWeights d;
+  d.F = F;
+  d.A = A;
+  d.NA = NA;
+  d.wt.resize(F * A);
+  d.b_in.resize(A);
+  d.wo.resize(A * NA);
+  d.b_out.resize(NA);
+  for (int64_t k = 0; k < A; ++k) {
+    for (int64_t i = 0; i < F; ++i) d.wt[i * A + k] = static_cast<double>(inp_w[k * F + i]);
+    d.b_in[k] = static_cast<double>(inp_b[k]) + static_cast<double>(emb[k]);
+  }
+  for (int64_t m = 0; m < NA; ++m) {
+    for (int64_t k = 0; k < A; ++k) d.wo[k * NA + m] = static_cast<double>(out_w[m * A + k]);
+    d.b_out[m] = static_cast<double>(out_b[m]) + static_cast<double>(bias[m]);
+  }
+  return d;
+}
+
+// A thread's working buffers for decide_rows (kept across its calls: no allocation per step).
+template <typename S>
+struct DecideScratch {
+  std::vector<S> e, u;
+  std::vector<double> mxs, f, acc, g, ud;
+};
+
 // The agent's decision for rows [r0, r1): from the head's logits (n, C), the state projection
 // (n, P) or none, the history (n, HD) and the previous prediction, the introspection features
 //   f = [proj, confidence (max probability, or conf_logodds with conf_mode 1), normalised entropy,
@@ -159,45 +198,43 @@ inline double conf_logodds(const S* e, int64_t C, int64_t pred) {
 // then g = out_w tanh(inp_w f + inp_b + step_emb[t]) + out_b + step_bias[t] (+ nop_bias on
 // NOP) and the action argmax g (first maximum).  Policy.forward's arithmetic: sums in double
 // in a fixed order (the softmax statistics as softmax_stats), exp and tanh in the input
-// precision, each over all the rows in one vectorised call.  The weights are transposed to
-// double once per call; the bias terms are folded (inp_b + step_emb, out_b + step_bias).
-// Rows do not interact: the Python loop in inference (the agent_decide op) and run_model's
-// chunks compute the same decisions.
+// precision, each over all the rows in one vectorised call; the weights come prepared
+// (prepare_decide).  Rows do not interact: the Python loop in inference (the agent_decide op)
+// and run_model's chunks compute the same decisions.
 template <typename S, bool kAvx2>
 __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t r1, const S* logits, int64_t ls,
-                                                            int64_t C, const S* proj, int64_t ps,
-                 int64_t P, const S* hist, int64_t HD, const int64_t* prev_pred, const S* inp_w, const S* inp_b,
-                 const S* emb, int64_t A, const S* out_w, const S* out_b, const S* bias, int64_t NA,
-                 double nop_bias, int64_t conf_mode, int64_t* act, S* conf_out, int64_t* pred_out) {
-  const int64_t F = P + 3 + HD, n = r1 - r0;
+                                                            int64_t C, const S* proj, int64_t ps, int64_t P,
+                                                            const S* hist, int64_t HD, const int64_t* prev_pred,
+                                                            const DecideWeights& w, DecideScratch<S>& sc,
+                                                            double nop_bias, int64_t conf_mode, int64_t* act,
+                                                            S* conf_out, int64_t* pred_out) {
+  const int64_t F = P + 3 + HD, n = r1 - r0, A = w.A, NA = w.NA;
   if (n <= 0) return;
+  TORCH_CHECK(w.F == F, "dynalay: internal error: agent weights prepared for ", w.F, " features, not ", F);
   const double inv_log_c = 1.0 / std::log(static_cast<double>(C));
-  std::vector<double> wt(F * A), b_in(A), wo(A * NA), b_out(NA), f(F), acc(A), g(NA), ud(A);
-  for (int64_t k = 0; k < A; ++k) {
-    for (int64_t i = 0; i < F; ++i) wt[i * A + k] = static_cast<double>(inp_w[k * F + i]);
-    b_in[k] = static_cast<double>(inp_b[k]) + static_cast<double>(emb[k]);
-  }
-  for (int64_t m = 0; m < NA; ++m) {
-    for (int64_t k = 0; k < A; ++k) wo[k * NA + m] = static_cast<double>(out_w[m * A + k]);
-    b_out[m] = static_cast<double>(out_b[m]) + static_cast<double>(bias[m]);
-  }
+  sc.f.resize(F);
+  sc.acc.resize(A);
+  sc.ud.resize(A);
+  sc.g.resize(NA);
+  sc.e.resize(n * C);
+  sc.u.resize(n * A);
+  sc.mxs.resize(n);
+  double *f = sc.f.data(), *acc = sc.acc.data(), *ud = sc.ud.data(), *g = sc.g.data();
   // the softmax of every row: shifted logits l - max, then one vectorised exp over the rows
-  std::vector<S> e(n * C), u(n * A);
-  std::vector<double> mxs(n);
   for (int64_t r = r0; r < r1; ++r) {
     const S* l = logits + r * ls;
     int64_t pred;
     const double mx = row_max(l, C, pred);
-    S* er = e.data() + (r - r0) * C;
+    S* er = sc.e.data() + (r - r0) * C;
     for (int64_t j = 0; j < C; ++j) er[j] = static_cast<S>(static_cast<double>(l[j]) - mx);
     pred_out[r] = pred;
-    mxs[r - r0] = mx;
+    sc.mxs[r - r0] = mx;
   }
-  exp_inplace(n * C, e.data());
+  exp_inplace(n * C, sc.e.data());
   for (int64_t r = r0; r < r1; ++r) {
     const S* l = logits + r * ls;
-    const S* er = e.data() + (r - r0) * C;
-    const double mx = mxs[r - r0];
+    const S* er = sc.e.data() + (r - r0) * C;
+    const double mx = sc.mxs[r - r0];
     double s = 0.0, ez = 0.0;  // sum of exp(l - max) and of exp(l - max) (l - max), as softmax_stats
     for (int64_t j = 0; j < C; ++j) {
       const double ej = static_cast<double>(er[j]);
@@ -211,16 +248,16 @@ __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t 
     f[P + 1] = (std::log(s) - ez * pmax) * inv_log_c;
     f[P + 2] = pred_out[r] != prev_pred[r] ? 1.0 : 0.0;
     for (int64_t k = 0; k < HD; ++k) f[P + 3 + k] = static_cast<double>(hist[r * HD + k]);
-    affine<kAvx2>(f.data(), F, wt.data(), b_in.data(), A, acc.data());
-    S* ur = u.data() + (r - r0) * A;
+    affine<kAvx2>(f, F, w.wt.data(), w.b_in.data(), A, acc);
+    S* ur = sc.u.data() + (r - r0) * A;
     for (int64_t k = 0; k < A; ++k) ur[k] = static_cast<S>(acc[k]);
     conf_out[r] = static_cast<S>(conf);
   }
-  tanh_inplace(n * A, u.data());
+  tanh_inplace(n * A, sc.u.data());
   for (int64_t r = r0; r < r1; ++r) {
-    const S* ur = u.data() + (r - r0) * A;
+    const S* ur = sc.u.data() + (r - r0) * A;
     for (int64_t k = 0; k < A; ++k) ud[k] = static_cast<double>(ur[k]);
-    affine<kAvx2>(ud.data(), A, wo.data(), b_out.data(), NA, g.data());
+    affine<kAvx2>(ud, A, w.wo.data(), w.b_out.data(), NA, g);
     g[NA - 1] += nop_bias;
     int64_t best = 0;
     for (int64_t m = 1; m < NA; ++m)
@@ -229,14 +266,12 @@ __attribute__((always_inline)) inline void decide_rows_body(int64_t r0, int64_t 
   }
 }
 
-#define DYNALAY_DECIDE_ARGS                                                                                   \
-  int64_t r0, int64_t r1, const S *logits, int64_t ls, int64_t C, const S *proj, int64_t ps, int64_t P,         \
-      const S *hist, int64_t HD, const int64_t *prev_pred, const S *inp_w, const S *inp_b, const S *emb, int64_t A, \
-      const S *out_w, const S *out_b, const S *bias, int64_t NA, double nop_bias, int64_t conf_mode, int64_t *act, \
-      S *conf_out, int64_t *pred_out
+#define DYNALAY_DECIDE_ARGS                                                                                    \
+  int64_t r0, int64_t r1, const S *logits, int64_t ls, int64_t C, const S *proj, int64_t ps, int64_t P,          \
+      const S *hist, int64_t HD, const int64_t *prev_pred, const DecideWeights &w, DecideScratch<S> &sc,         \
+      double nop_bias, int64_t conf_mode, int64_t *act, S *conf_out, int64_t *pred_out
 #define DYNALAY_DECIDE_PASS \
-  r0, r1, logits, ls, C, proj, ps, P, hist, HD, prev_pred, inp_w, inp_b, emb, A, out_w, out_b, bias, NA, nop_bias, \
-      conf_mode, act, conf_out, pred_out
+  r0, r1, logits, ls, C, proj, ps, P, hist, HD, prev_pred, w, sc, nop_bias, conf_mode, act, conf_out, pred_out
 
 #ifdef DYNALAY_X86
 // The same code compiled for AVX2/FMA, chosen at run time (the extension targets baseline x86-64):
@@ -291,12 +326,14 @@ std::tuple<Tensor, Tensor, Tensor> agent_decide_cpu(const Tensor& logits, const 
   for (const Tensor& x : agent) w.push_back(x.contiguous());
   AT_DISPATCH_FLOATING_TYPES(dt, "dynalay_agent_decide", [&] {
     using S = scalar_t;
+    const DecideWeights dw = prepare_decide<S>(w[0].data_ptr<S>(), w[1].data_ptr<S>(), w[2].data_ptr<S>() + t * A,
+                                               P + 3 + HD, A, w[3].data_ptr<S>(), w[4].data_ptr<S>(),
+                                               w[5].data_ptr<S>() + t * NA, NA);
     at::parallel_for(0, n, 128, [&](int64_t r0, int64_t r1) {
+      DecideScratch<S> sc;
       decide_rows<S>(r0, r1, lg.data_ptr<S>(), lg.stride(0), C, has_proj ? pj.data_ptr<S>() : nullptr,
-                     has_proj ? pj.stride(0) : 0, P, hc.data_ptr<S>(), HD, pp.data_ptr<int64_t>(), w[0].data_ptr<S>(),
-                     w[1].data_ptr<S>(), w[2].data_ptr<S>() + t * A, A, w[3].data_ptr<S>(), w[4].data_ptr<S>(),
-                     w[5].data_ptr<S>() + t * NA, NA, nop_bias, conf_mode, act.data_ptr<int64_t>(),
-                     conf.data_ptr<S>(), pred.data_ptr<int64_t>());
+                     has_proj ? pj.stride(0) : 0, P, hc.data_ptr<S>(), HD, pp.data_ptr<int64_t>(), dw, sc, nop_bias,
+                     conf_mode, act.data_ptr<int64_t>(), conf.data_ptr<S>(), pred.data_ptr<int64_t>());
     });
   });
   return {act, conf, pred};
@@ -306,6 +343,7 @@ std::tuple<Tensor, Tensor, Tensor> agent_decide_cpu(const Tensor& logits, const 
 struct RunArgs {
   Tensor enc_w, enc_b, U, W, b, ln_w, ln_b, w_head, b_head, forced, ones;
   std::vector<Tensor> agent;  // contiguous
+  std::vector<DecideWeights> decide;  // the agent's weights per step (prepare_decide)
   double tol, damping, anderson_lam, eps, ln_eps, nop_bias, lam_feature;
   int64_t max_iter, anderson_m, T, L, H, C, P, HD, D, conf_mode;
   c10::string_view solver;
@@ -314,22 +352,33 @@ struct RunArgs {
   Tensor fin;  // (B, C) outputs, written at the chunk's rows only
   int64_t *layers, *iters, *actions;
   int32_t* step_iters;
+  // the LayerNorm folded into the head's rows (fold_head; float on AVX2 only): wg (K, H), sg, cb (K)
+  std::vector<float> wg;
+  std::vector<double> sg, cb;
 };
 
 #ifdef DYNALAY_X86
-// out[k] = b[k] + x . W[k] for one float row x (H) and K outputs (the head's logits and the
-// agent's projection: a handful of outputs, where a BLAS call per step runs at a fraction of its
-// speed): four outputs at a time share the row's loads, each summed in float over 8-float
-// lanes in two interleaved halves (eight independent chains), then lanes, halves and the
-// scalar tail added in a fixed order.
-__attribute__((target("avx2,fma"))) void proj_row_avx2(const float* x, int64_t K, int64_t H, const float* W,
-                                                       const float* b, float* out) {
+// The head (and the agent's projection) with its LayerNorm folded in, for one float row x (H):
+// LN(x)_j = (x_j - m) rs g_j + beta_j, so
+//   out[k] = rs (x . wg[k] - m sg[k]) + cb[k],  wg[k][j] = g_j w[k][j],  sg[k] = sum_j wg[k][j],
+//   cb[k] = beta . w[k] + b[k]
+// (fold_head, once per call).  One pass over the row: the row's sum and sum of squares ride along
+// with the first four dot products (no normalised copy of the row, no separate statistics);
+// mean and variance in double from float lanes, as row_dot.  Same value as the LayerNorm then
+// proj_row_avx2 up to float rounding (checked against the Python loop, tests/test_model_fused.py).
+__attribute__((target("avx2,fma"))) void ln_proj_row_avx2(const float* x, int64_t K, int64_t H, const float* W,
+                                                          const double* sg, const double* cb, double ln_eps,
+                                                          float* out) {
+  double sum = 0.0, sumsq = 0.0;
+  float dots[4];
   for (int64_t k0 = 0; k0 < K; k0 += 4) {
     const int64_t nk = std::min<int64_t>(4, K - k0);
+    const bool stats = k0 == 0;
     const float* w[4];
     for (int q = 0; q < 4; ++q) w[q] = W + (k0 + std::min<int64_t>(q, nk - 1)) * H;  // padding repeats the last
     __m256 lo[4], hi[4];
     for (int q = 0; q < 4; ++q) lo[q] = hi[q] = _mm256_setzero_ps();
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= H; j += 16) {
       const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
@@ -337,33 +386,86 @@ __attribute__((target("avx2,fma"))) void proj_row_avx2(const float* x, int64_t K
         lo[q] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w[q] + j), lo[q]);
         hi[q] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w[q] + j + 8), hi[q]);
       }
+      if (stats) {
+        s0 = _mm256_add_ps(s0, x0);
+        s1 = _mm256_add_ps(s1, x1);
+        q0 = _mm256_fmadd_ps(x0, x0, q0);
+        q1 = _mm256_fmadd_ps(x1, x1, q1);
+      }
     }
     alignas(32) float t[8];
     for (int q = 0; q < nk; ++q) {
       _mm256_store_ps(t, _mm256_add_ps(lo[q], hi[q]));
       float acc = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
       for (int64_t jj = j; jj < H; ++jj) acc += x[jj] * w[q][jj];
-      out[k0 + q] = acc + b[k0 + q];
+      dots[q] = acc;
     }
+    if (stats) {
+      alignas(32) float ts[8], tq[8];
+      _mm256_store_ps(ts, _mm256_add_ps(s0, s1));
+      _mm256_store_ps(tq, _mm256_add_ps(q0, q1));
+      for (int q = 0; q < 8; ++q) {
+        sum += ts[q];
+        sumsq += tq[q];
+      }
+      for (int64_t jj = j; jj < H; ++jj) {
+        sum += x[jj];
+        sumsq += static_cast<double>(x[jj]) * x[jj];
+      }
+    }
+    const double hd = static_cast<double>(H);
+    const double mean = sum / hd;
+    const double rs = 1.0 / std::sqrt(std::max(0.0, sumsq / hd - mean * mean) + ln_eps);
+    for (int q = 0; q < nk; ++q)
+      out[k0 + q] = static_cast<float>(rs * (static_cast<double>(dots[q]) - mean * sg[k0 + q]) + cb[k0 + q]);
+  }
+}
+
+// fold_head's arrays for ln_proj_row_avx2 from the LayerNorm (g, beta) and the head's rows (w, b).
+void fold_head(RunArgs& A) {
+  const int64_t K = A.w_head.size(0), H = A.H;
+  const float* w = A.w_head.data_ptr<float>();
+  const float* bh = A.b_head.data_ptr<float>();
+  const float* g = A.ln_w.data_ptr<float>();
+  const float* beta = A.ln_b.data_ptr<float>();
+  A.wg.resize(K * H);
+  A.sg.assign(K, 0.0);
+  A.cb.assign(K, 0.0);
+  for (int64_t k = 0; k < K; ++k) {
+    double c = 0.0;
+    for (int64_t j = 0; j < H; ++j) {
+      const float v = g[j] * w[k * H + j];
+      A.wg[k * H + j] = v;
+      A.sg[k] += v;
+      c += static_cast<double>(beta[j]) * w[k * H + j];
+    }
+    A.cb[k] = c + bh[k];
   }
 }
 #endif
 
 // The head (and the agent's projection) on n states: out (n, K) = LN(x) w_head[:K]^T + b_head[:K]
-// (K = C: the head's logits; K = C + P: and the agent's projections).  LayerNorm per row
-// (mean and variance in double) into zbuf (n, H), then the projection: float rows on AVX2 row by
-// row while the row is in L1 (proj_row_avx2), otherwise one GEMM.
+// (K = C: the head's logits; K = C + P: and the agent's projections).  Float rows on AVX2: one
+// pass per row with the LayerNorm folded into the weights (ln_proj_row_avx2: a handful of
+// outputs, where a BLAS call per step runs at a fraction of its speed).  Otherwise the
+// LayerNorm per row (mean and variance in double) into zbuf (n, H), then one GEMM.
 template <typename S, bool kAvx2>
 __attribute__((always_inline)) inline void head_rows_body(const RunArgs& A, const S* x, int64_t n, int64_t K,
                                                           std::vector<S>& zbuf, S* out) {
   const int64_t H = A.H;
   if (n <= 0) return;
+#ifdef DYNALAY_X86
+  if constexpr (kAvx2 && std::is_same<S, float>::value) {
+    for (int64_t i = 0; i < n; ++i)
+      ln_proj_row_avx2(x + i * H, K, H, A.wg.data(), A.sg.data(), A.cb.data(), A.ln_eps, out + i * K);
+    return;
+  }
+#endif
   zbuf.resize(n * H);
   const S* g = A.ln_w.data_ptr<S>();
   const S* bb = A.ln_b.data_ptr<S>();
   const S* ones = A.ones.data_ptr<S>();
   const S* bh = A.b_head.data_ptr<S>();
-  constexpr bool kRowProj = kAvx2 && std::is_same<S, float>::value;
   for (int64_t i = 0; i < n; ++i) {
     const S* xi = x + i * H;
     const double mean = row_dot(xi, ones, H) / static_cast<double>(H);
@@ -371,15 +473,10 @@ __attribute__((always_inline)) inline void head_rows_body(const RunArgs& A, cons
     const S m = static_cast<S>(mean), rs = static_cast<S>(1.0 / std::sqrt(var + A.ln_eps));
     S* z = zbuf.data() + i * H;
     for (int64_t j = 0; j < H; ++j) z[j] = (xi[j] - m) * rs * g[j] + bb[j];
-#ifdef DYNALAY_X86
-    if constexpr (kRowProj) proj_row_avx2(z, K, H, A.w_head.data_ptr<float>(), bh, out + i * K);
-#endif
   }
-  if constexpr (!kRowProj) {
-    rows_times_wt(n, K, H, zbuf.data(), A.w_head.data_ptr<S>(), out);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t k = 0; k < K; ++k) out[i * K + k] += bh[k];
-  }
+  rows_times_wt(n, K, H, zbuf.data(), A.w_head.data_ptr<S>(), out);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < K; ++k) out[i * K + k] += bh[k];
 }
 
 #ifdef DYNALAY_X86
@@ -422,6 +519,7 @@ void run_rows(const RunArgs& A, const Tensor& x, int64_t r0, int64_t r1, int64_t
   std::vector<S> hist, conf(n), lg(n * K), zbuf, tmp, xs;
   std::vector<double> hn(n);
   bool hn_known = false;
+  DecideScratch<S> dsc;
   if (A.use_agent) {
     hist.assign(n * HD, S(0));
     for (int64_t i = 0; i < n; ++i) hist[i * HD + HD - 1] = static_cast<S>(A.lam_feature);
@@ -448,12 +546,8 @@ void run_rows(const RunArgs& A, const Tensor& x, int64_t r0, int64_t r1, int64_t
     if (last) {
       std::fill(a.begin(), a.begin() + n, L);
     } else if (A.use_agent) {
-      const auto& w = A.agent;
-      const int64_t na = w[2].size(1);
       decide_rows<S>(0, n, lg.data(), K, C, P > 0 ? lg.data() + C : nullptr, K, P, hist.data(), HD,
-                     prev_pred.data(), w[0].data_ptr<S>(), w[1].data_ptr<S>(), w[2].data_ptr<S>() + t * na, na,
-                     w[3].data_ptr<S>(), w[4].data_ptr<S>(), w[5].data_ptr<S>() + t * (L + 1), L + 1, A.nop_bias,
-                     A.conf_mode, a.data(), conf.data(), pred.data());
+                     prev_pred.data(), A.decide[t], dsc, A.nop_bias, A.conf_mode, a.data(), conf.data(), pred.data());
     } else {
       for (int64_t i = 0; i < n; ++i) {
         const int64_t v = forced[rows[i] * T + t];
@@ -493,17 +587,26 @@ void run_rows(const RunArgs& A, const Tensor& x, int64_t r0, int64_t r1, int64_t
       }
       ++w_;
     }
-    if (!sidx.empty()) {  // the head on the rows that stop, in one pass
+    if (!sidx.empty()) {  // the head on the rows that stop, in one pass (gathered unless all stop)
       const int64_t ns = static_cast<int64_t>(sidx.size());
-      xs.resize(ns * H);
-      for (int64_t j = 0; j < ns; ++j) std::copy(hp + sidx[j] * H, hp + (sidx[j] + 1) * H, xs.data() + j * H);
+      const S* xsp = hp;
+      if (ns < n) {
+        xs.resize(ns * H);
+        for (int64_t j = 0; j < ns; ++j) std::copy(hp + sidx[j] * H, hp + (sidx[j] + 1) * H, xs.data() + j * H);
+        xsp = xs.data();
+      }
       tmp.resize(ns * C);
-      head_rows<S>(A, xs.data(), ns, C, zbuf, tmp.data());
+      head_rows<S>(A, xsp, ns, C, zbuf, tmp.data());
       for (int64_t j = 0; j < ns; ++j) std::copy(tmp.data() + j * C, tmp.data() + (j + 1) * C, fin + sidx_row[j] * C);
     }
     const int64_t n_run = w_;
     if (last || n_run == 0) break;
-    if (n_run < n) hs = hs.index_select(0, at::from_blob(ridx.data(), {n_run}, i64));  // the running rows' states
+    if (n_run < n) {  // the running rows' states to the front, in place: hs is this chunk's own buffer
+      S* hw = hs.data_ptr<S>();
+      for (int64_t j = 0; j < n_run; ++j)
+        if (ridx[j] != j) std::memcpy(hw + j * H, hw + ridx[j] * H, sizeof(S) * H);
+      hs = hs.narrow(0, 0, n_run);
+    }
     n = n_run;
     rps[t] += n;
     // ---- one dynamic_step; one block per group: this chunk runs on one thread (the same
@@ -615,6 +718,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu
                     A.agent[3].size(1) == A.agent[0].size(0) && A.agent[5].size(0) == T &&
                     A.agent[5].size(1) == L + 1,
                 "dynalay: agent weights do not match the model's sizes");
+    const int64_t na = A.agent[0].size(0);
+    AT_DISPATCH_FLOATING_TYPES(dt, "dynalay_run_model_agent", [&] {
+      const auto& w = A.agent;
+      for (int64_t t = 0; t < T; ++t)
+        A.decide.push_back(prepare_decide<scalar_t>(w[0].data_ptr<scalar_t>(), w[1].data_ptr<scalar_t>(),
+                                                    w[2].data_ptr<scalar_t>() + t * na, A.P + 3 + A.HD, na,
+                                                    w[3].data_ptr<scalar_t>(), w[4].data_ptr<scalar_t>(),
+                                                    w[5].data_ptr<scalar_t>() + t * (L + 1), L + 1));
+    });
   } else {
     A.forced = forced->contiguous();
   }
@@ -623,6 +735,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu
   A.b_head = (A.P > 0 ? at::cat({head_b, agent[7]}) : head_b).contiguous();
   TORCH_CHECK(A.w_head.size(1) == H && A.b_head.numel() == C + A.P && A.b_head.scalar_type() == dt,
               "dynalay: head weight (C, H) and bias (C,) of h's dtype");
+#ifdef DYNALAY_X86
+  if (dt == at::kFloat && kDecideAVX2) fold_head(A);
+#endif
   const auto i64 = x.options().dtype(at::kLong);
   A.fin = at::zeros({B, C}, x.options());
   Tensor layers = at::zeros({B}, i64), iters = at::zeros({B}, i64);

@@ -808,8 +808,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_blocked(
     if (n == 0) return;
     offsets.pop_back();
     perm.resize(n);
-    at::Tensor rows = at::from_blob(perm.data(), {n}, at::TensorOptions().dtype(at::kLong));
-    at::Tensor X = hc.index_select(0, rows);
+    bool identity = n == B;  // every row on one layer, in order (the DynaLay loop's usual case): no gather
+    for (int64_t i = 0; identity && i < n; ++i) identity = perm[i] == i;
+    at::Tensor X = identity ? hc : hc.index_select(0, at::from_blob(perm.data(), {n}, at::TensorOptions().dtype(at::kLong)));
     at::Tensor C = at::empty_like(X);
     for (int64_t l = 0; l < L; ++l) {
       const int64_t g0 = offsets[l], gn = offsets[l + 1] - offsets[l];
