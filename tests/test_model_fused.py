@@ -51,12 +51,16 @@ def _assert_same(a, b, dtype):
     torch.testing.assert_close(a.logits, b.logits, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype, head_kernel", [(torch.float64, "default"), (torch.float32, "default"),
+                                                (torch.float32, "no_avx512")])
 @pytest.mark.parametrize("B", [1, 7, 64, 300])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fused_loop_matches_the_python_loop(dtype, B, seed):
+def test_fused_loop_matches_the_python_loop(dtype, B, seed, head_kernel, monkeypatch):
     """Every policy and knob; batches of one chunk, several and a ragged last chunk; odd H;
-    with and without the agent's state projection (agent_state_dim)."""
+    with and without the agent's state projection (agent_state_dim); the float head's AVX-512
+    kernel (where the CPU has it) and its AVX2 fallback (DYNALAY_CPU_NO_AVX512)."""
+    if head_kernel == "no_avx512":
+        monkeypatch.setenv("DYNALAY_CPU_NO_AVX512", "1")
     m = _model(seed, dtype, agent_state_dim=6 if seed else 0, hidden=20 if seed else 33,
                agent_conf="logodds" if seed else "prob")
     x = torch.randn(B, 12, dtype=dtype, generator=torch.Generator().manual_seed(seed + B))
