@@ -360,24 +360,38 @@ struct RunArgs {
 };
 
 #ifdef DYNALAY_X86
+// The head's rows k0 .. k0 + 3 for the kernels below, which compute four outputs per pass (a
+// block past K repeats its last row); returns how many are real.
+inline int64_t head_block(const float* W, int64_t H, int64_t K, int64_t k0, const float* w[4]) {
+  const int64_t nk = std::min<int64_t>(4, K - k0);
+  for (int q = 0; q < 4; ++q) w[q] = W + (k0 + std::min<int64_t>(q, nk - 1)) * H;
+  return nk;
+}
+
+// The LayerNorm's mean and 1 / std of a row of H values from their sum and sum of squares.
+inline void ln_stats(double sum, double sumsq, int64_t H, double ln_eps, double& mean, double& rs) {
+  const double hd = static_cast<double>(H);
+  mean = sum / hd;
+  rs = 1.0 / std::sqrt(std::max(0.0, sumsq / hd - mean * mean) + ln_eps);
+}
+
 // The head (and the agent's projection) with its LayerNorm folded in, for one float row x (H):
 // LN(x)_j = (x_j - m) rs g_j + beta_j, so
 //   out[k] = rs (x . wg[k] - m sg[k]) + cb[k],  wg[k][j] = g_j w[k][j],  sg[k] = sum_j wg[k][j],
 //   cb[k] = beta . w[k] + b[k]
 // (fold_head, once per call).  One pass over the row: the row's sum and sum of squares ride along
 // with the first four dot products (no normalised copy of the row, no separate statistics);
-// mean and variance in double from float lanes, as row_dot.  Same value as the LayerNorm then
-// proj_row_avx2 up to float rounding (checked against the Python loop, tests/test_model_fused.py).
+// mean and variance in double from float lanes, as row_dot.  Same value as the LayerNorm then the
+// projection up to float rounding (checked against the Python loop, tests/test_model_fused.py).
 __attribute__((target("avx2,fma"))) void ln_proj_row_avx2(const float* x, int64_t K, int64_t H, const float* W,
                                                           const double* sg, const double* cb, double ln_eps,
                                                           float* out) {
   double sum = 0.0, sumsq = 0.0;
   float dots[4];
   for (int64_t k0 = 0; k0 < K; k0 += 4) {
-    const int64_t nk = std::min<int64_t>(4, K - k0);
-    const bool stats = k0 == 0;
     const float* w[4];
-    for (int q = 0; q < 4; ++q) w[q] = W + (k0 + std::min<int64_t>(q, nk - 1)) * H;  // padding repeats the last
+    const int64_t nk = head_block(W, H, K, k0, w);
+    const bool stats = k0 == 0;
     __m256 lo[4], hi[4];
     for (int q = 0; q < 4; ++q) lo[q] = hi[q] = _mm256_setzero_ps();
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
@@ -415,9 +429,8 @@ __attribute__((target("avx2,fma"))) void ln_proj_row_avx2(const float* x, int64_
         sumsq += static_cast<double>(x[jj]) * x[jj];
       }
     }
-    const double hd = static_cast<double>(H);
-    const double mean = sum / hd;
-    const double rs = 1.0 / std::sqrt(std::max(0.0, sumsq / hd - mean * mean) + ln_eps);
+    double mean, rs;
+    ln_stats(sum, sumsq, H, ln_eps, mean, rs);
     for (int q = 0; q < nk; ++q)
       out[k0 + q] = static_cast<float>(rs * (static_cast<double>(dots[q]) - mean * sg[k0 + q]) + cb[k0 + q]);
   }
@@ -435,10 +448,9 @@ __attribute__((target("avx512f"))) void ln_proj_rows2_avx512(const float* x0, co
   const int64_t nb = (H + 15) / 16;
   const __mmask16 tail = H % 16 == 0 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (H % 16)) - 1u);
   for (int64_t k0 = 0; k0 < K; k0 += 4) {
-    const int64_t nk = std::min<int64_t>(4, K - k0);
-    const bool stats = k0 == 0;
     const float* w[4];
-    for (int q = 0; q < 4; ++q) w[q] = W + (k0 + std::min<int64_t>(q, nk - 1)) * H;  // padding repeats the last
+    const int64_t nk = head_block(W, H, K, k0, w);
+    const bool stats = k0 == 0;
     __m512 a0[4], a1[4];
     for (int q = 0; q < 4; ++q) a0[q] = a1[q] = _mm512_setzero_ps();
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), q0 = _mm512_setzero_ps(), q1 = _mm512_setzero_ps();
@@ -459,13 +471,8 @@ __attribute__((target("avx512f"))) void ln_proj_rows2_avx512(const float* x0, co
       }
     }
     if (stats) {
-      const double hd = static_cast<double>(H);
-      const double sum[2] = {_mm512_reduce_add_ps(s0), _mm512_reduce_add_ps(s1)};
-      const double sq[2] = {_mm512_reduce_add_ps(q0), _mm512_reduce_add_ps(q1)};
-      for (int r = 0; r < 2; ++r) {
-        mean[r] = sum[r] / hd;
-        rs[r] = 1.0 / std::sqrt(std::max(0.0, sq[r] / hd - mean[r] * mean[r]) + ln_eps);
-      }
+      ln_stats(_mm512_reduce_add_ps(s0), _mm512_reduce_add_ps(q0), H, ln_eps, mean[0], rs[0]);
+      ln_stats(_mm512_reduce_add_ps(s1), _mm512_reduce_add_ps(q1), H, ln_eps, mean[1], rs[1]);
     }
     for (int q = 0; q < nk; ++q) {
       const double d0 = _mm512_reduce_add_ps(a0[q]), d1 = _mm512_reduce_add_ps(a1[q]);
