@@ -72,6 +72,23 @@ def test_fused_loop_matches_the_python_loop(dtype, B, seed, head_kernel, monkeyp
         _assert_same(out, m.run(x, details=True, fused=True), dtype)
 
 
+@pytest.mark.parametrize("hidden", [7, 16, 32, 48])
+def test_head_kernels_over_row_widths(hidden, monkeypatch):
+    """The float head with its LayerNorm folded in (AVX-512 two rows at a time, and the AVX2
+    fallback): widths below one 16-float vector, whole vectors and a tail; an odd number of rows
+    (the last row alone).  Both agree with the Python loop and with each other."""
+    m = _model(3, torch.float32, hidden=hidden, agent_conf="logodds")
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(hidden))
+    got = {}
+    with torch.no_grad():
+        for kernel in ("0", "1"):
+            monkeypatch.setenv("DYNALAY_CPU_NO_AVX512", kernel)
+            for kind, kw in CASES:
+                _assert_same(_run(m, x, kind, kw, True), _run(m, x, kind, kw, False), torch.float32)
+            got[kernel] = m.run_static(x, exit_threshold=1.01, details=True, fused=True).logits
+    torch.testing.assert_close(got["0"], got["1"], rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("conf_feature", ["prob", "logodds"])
 def test_kernels_match_the_pure_python_features(conf_feature):
     """The C++ decision (run_model, agent_decide) against the all-Python loop (head_stats and
