@@ -386,7 +386,7 @@ inline void ln_stats(double sum, double sumsq, int64_t H, double ln_eps, double&
 __attribute__((target("avx2,fma"))) void ln_proj_row_avx2(const float* x, int64_t K, int64_t H, const float* W,
                                                           const double* sg, const double* cb, double ln_eps,
                                                           float* out) {
-  double sum = 0.0, sumsq = 0.0;
+  double mean = 0.0, rs = 0.0;
   float dots[4];
   for (int64_t k0 = 0; k0 < K; k0 += 4) {
     const float* w[4];
@@ -420,6 +420,7 @@ __attribute__((target("avx2,fma"))) void ln_proj_row_avx2(const float* x, int64_
       alignas(32) float ts[8], tq[8];
       _mm256_store_ps(ts, _mm256_add_ps(s0, s1));
       _mm256_store_ps(tq, _mm256_add_ps(q0, q1));
+      double sum = 0.0, sumsq = 0.0;
       for (int q = 0; q < 8; ++q) {
         sum += ts[q];
         sumsq += tq[q];
@@ -428,9 +429,8 @@ __attribute__((target("avx2,fma"))) void ln_proj_row_avx2(const float* x, int64_
         sum += x[jj];
         sumsq += static_cast<double>(x[jj]) * x[jj];
       }
+      ln_stats(sum, sumsq, H, ln_eps, mean, rs);
     }
-    double mean, rs;
-    ln_stats(sum, sumsq, H, ln_eps, mean, rs);
     for (int q = 0; q < nk; ++q)
       out[k0 + q] = static_cast<float>(rs * (static_cast<double>(dots[q]) - mean * sg[k0 + q]) + cb[k0 + q]);
   }
