@@ -342,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor> agent_decide_cpu(const Tensor& logits, const 
 
 // Everything a chunk of rows needs (read-only) and the outputs it writes (its rows only).
 struct RunArgs {
-  Tensor enc_w, enc_b, U, W, b, ln_w, ln_b, w_head, b_head, forced, ones;
+  Tensor enc_w, enc_b, U, W, b, ln_w, ln_b, w_head, b_head, forced, ones;  // ones: unfolded head only
   std::vector<Tensor> agent;  // contiguous
   std::vector<DecideWeights> decide;  // the agent's weights per step (prepare_decide)
   double tol, damping, anderson_lam, eps, ln_eps, nop_bias, lam_feature;
@@ -780,7 +780,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu
   A.T = T; A.L = L; A.H = H; A.C = C; A.HD = 2 * L + 5;  // DynaLayConfig.history_dim
   A.P = agent.size() == 8 ? agent[6].size(0) : 0;
   A.solver = solver; A.exit_threshold = exit_threshold; A.use_agent = use_agent;
-  A.ones = at::ones({H}, x.options());
   if (use_agent) {
     for (size_t i = 0; i < 6; ++i) {
       TORCH_CHECK(agent[i].scalar_type() == dt, "dynalay: agent weights must have h's dtype");
@@ -816,6 +815,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu
     A.head_avx512 = kHasAVX512F && !(no512 != nullptr && no512[0] != '\0' && no512[0] != '0');
   }
 #endif
+  if (A.wg.empty()) A.ones = at::ones({H}, x.options());  // the unfolded LayerNorm's mean (head_rows_body)
   const auto i64 = x.options().dtype(at::kLong);
   A.fin = at::zeros({B, C}, x.options());
   Tensor layers = at::zeros({B}, i64), iters = at::zeros({B}, i64);
