@@ -41,17 +41,22 @@ def depth_table(m, x, y):
             torch.stack(fl, 1).double().numpy())
 
 
-def apply_rules(cor, conf, fl, ths):
-    """Accuracy and mean FLOPs of every threshold vector (rows of ``ths``, (K, T))."""
+def apply_rules(cor, conf, fl, ths, batch: int = 1024):
+    """Accuracy and mean FLOPs of every threshold vector (rows of ``ths``, (K, T)), ``batch`` rules
+    at a time (memory: ``batch x n`` stop depths)."""
     K, T = ths.shape
-    stop = np.full((K, cor.shape[0]), T)
-    done = np.zeros_like(stop, dtype=bool)
-    for k in range(T):
-        s = ~done & (conf[None, :, k] >= ths[:, k:k + 1])
-        stop[s] = k
-        done |= s
-    acc = np.take_along_axis(cor[None].repeat(K, 0), stop[..., None], 2)[..., 0].mean(1)
-    f = np.take_along_axis(fl[None].repeat(K, 0), stop[..., None], 2)[..., 0].mean(1)
+    rows = np.arange(cor.shape[0])[None, :]
+    acc, f = np.empty(K), np.empty(K)
+    for r0 in range(0, K, batch):
+        th = ths[r0:r0 + batch]
+        stop = np.full((th.shape[0], cor.shape[0]), T, dtype=np.int8)
+        done = np.zeros(stop.shape, dtype=bool)
+        for k in range(T):
+            s = ~done & (conf[None, :, k] >= th[:, k:k + 1])
+            stop[s] = k
+            done |= s
+        acc[r0:r0 + batch] = cor[rows, stop].mean(1)
+        f[r0:r0 + batch] = fl[rows, stop].mean(1)
     return acc, f
 
 
@@ -77,6 +82,8 @@ def main() -> None:
         x = (x_raw - data.mean) / torch.where(data.std > 1e-6, data.std, torch.ones_like(data.std))
         cor, conf, fl = depth_table(m, x, y)
         T = m.cfg.max_steps
+        if len(GRID) ** T > 3_000_000:
+            raise SystemExit(f"{len(GRID)}^{T} threshold vectors is too many for an exhaustive fit (max_steps={T})")
         rules = np.array(list(itertools.product(GRID, repeat=T)))
         single = np.repeat(np.linspace(0.3, 1.01, 301)[:, None], T, 1)
         st_fl = fl[:, T].mean()

@@ -21,6 +21,9 @@ def test_apply_rules_stops_at_the_first_confident_state():
     acc, f = src.apply_rules(cor, conf, fl, rules)
     np.testing.assert_allclose(acc, [1.0, 1.0, 2 / 3, 2 / 3])
     np.testing.assert_allclose(f, [(1 + 11 + 21) / 3, (1 + 11 + 21) / 3, 21.0, (1 + 1 + 21) / 3])
+    acc3, f3 = src.apply_rules(cor, conf, fl, rules, batch=3)  # rules split over two batches
+    np.testing.assert_array_equal(acc3, acc)
+    np.testing.assert_array_equal(f3, f)
 
 
 def test_envelope_is_the_running_maximum_interpolated():
