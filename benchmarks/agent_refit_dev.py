@@ -25,7 +25,7 @@ import torch
 from dynalay.train.checkpoint import load_checkpoint
 from dynalay.train.data import Split, load_data
 from dynalay.train.trainer import PHASES, TrainConfig, Trainer, _gen
-from model_dev_curves import LAMS, collect, dev_set, table
+from model_dev_curves import LAMS, collect, dev_set, standardise, table
 
 
 def _config(seed: int, overrides) -> TrainConfig:
@@ -62,8 +62,7 @@ def main() -> None:
         cfg = _config(seed, args.overrides)
         data = load_data("mnist1d", cfg.val_fraction, split_seed=seed)
         if args.dev_agent_data:
-            std = torch.where(data.std > 1e-6, data.std, torch.ones_like(data.std))
-            data.val = Split(((agent_x - data.mean) / std).float(), agent_y)
+            data.val = Split(standardise(agent_x, data).float(), agent_y)
         tr = Trainer(cfg, data, None, progress=False, log=lambda *a: None)
         ck = load_checkpoint(os.path.join(args.run, f"seed{seed}", "checkpoint.pt"))
         backbone = {k: v for k, v in ck["state"]["model"].items() if not k.startswith(("policy.", "value."))}

@@ -34,10 +34,16 @@ def dev_set(n: int = 8000, seed: int = 1234):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def standardise(x_raw, data):
+    """``x_raw`` with the run's training statistics (constant features left unscaled), as the run
+    standardised its own splits."""
+    return (x_raw - data.mean) / torch.where(data.std > 1e-6, data.std, torch.ones_like(data.std))
+
+
 def collect(m, data, x_raw, y, res, lams=LAMS, nop_biases=(0.0,)) -> None:
     """Append the (accuracy, FLOPs) of ``m`` (static, every lambda and NOP-logit bias, early exit,
     truncation) on the dev set, standardised with the run's statistics, to ``res``."""
-    x = (x_raw - data.mean) / torch.where(data.std > 1e-6, data.std, torch.ones_like(data.std))
+    x = standardise(x_raw, data)
     m.eval()
     W = m.inference_weight()
 

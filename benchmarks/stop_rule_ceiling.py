@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from dynalay.train.cli import load_trained
-from model_dev_curves import dev_set
+from dynalay.train.report import envelope_interp
+from model_dev_curves import dev_set, standardise
 
 GRID = [0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99, 1.01]
 
@@ -61,9 +62,10 @@ def apply_rules(cor, conf, fl, ths, batch: int = 1024):
 
 
 def envelope(f_pts, a_pts, f):
-    """Early exit's accuracy at FLOPs ``f``: the running maximum of its curve, interpolated."""
-    o = np.argsort(f_pts)
-    return float(np.interp(f, f_pts[o], np.maximum.accumulate(a_pts[o])))
+    """Early exit's accuracy at FLOPs ``f``: the report's upper envelope (``envelope_interp``),
+    held at its end values outside the curve's FLOP range."""
+    pts = [dict(flops_per_sample=float(fx), accuracy=float(ac)) for fx, ac in zip(f_pts, a_pts)]
+    return envelope_interp(pts, min(max(float(f), float(np.min(f_pts))), float(np.max(f_pts))))
 
 
 def main() -> None:
@@ -79,7 +81,7 @@ def main() -> None:
     for seed in args.seeds:
         cfg, data, m, _, _ = load_trained(os.path.join(args.run, f"seed{seed}", "checkpoint.pt"))
         m.eval()
-        x = (x_raw - data.mean) / torch.where(data.std > 1e-6, data.std, torch.ones_like(data.std))
+        x = standardise(x_raw, data)
         cor, conf, fl = depth_table(m, x, y)
         T = m.cfg.max_steps
         if len(GRID) ** T > 3_000_000:
