@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -292,6 +293,15 @@ def run_dispatch(args, dev, log, rows):
                             log(json.dumps(rec))
 
 
+class Stopped(BaseException):
+    """Raised in the main thread by SIGTERM (a stage timeout): the script writes what it has.  A
+    BaseException, so that the per-provider `except Exception` clauses let it through."""
+
+
+def _stop(signum, frame):
+    raise Stopped()
+
+
 def table(rows, peaks, device, cmd):
     def get(**kw):
         for r in rows:
@@ -397,10 +407,14 @@ def main():
 
     rows = []
     peaks = {}
-    if args.only in (None, "fixed_point"):
-        peaks = run_fixed_point(args, dev, log, rows)
-    if args.only in (None, "dispatch"):
-        run_dispatch(args, dev, log, rows)
+    signal.signal(signal.SIGTERM, _stop)  # `timeout`: keep the rows measured so far
+    try:
+        if args.only in (None, "fixed_point"):
+            peaks = run_fixed_point(args, dev, log, rows)
+        if args.only in (None, "dispatch"):
+            run_dispatch(args, dev, log, rows)
+    except Stopped:
+        log(f"stopped (SIGTERM) after {len(rows)} rows: writing those")
     cmd = "python " + " ".join(sys.argv)
     with open(os.path.join(args.out, f"gpu-bench-{tag}-{stamp}.json"), "w") as f:
         json.dump({"device": device, "peaks": peaks, "rows": rows, "command": cmd}, f, indent=1)

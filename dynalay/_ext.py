@@ -28,6 +28,17 @@ CPP_OPS = ("fp_solve", "dynamic_step", "implicit_backward", "first_non_finite", 
            "agent_decide", "run_model")
 
 
+# The ops the CUDA library must implement (for the CUDA dispatch key) on top of dynalay._C's schemas.
+CUDA_OPS = ("fp_solve", "dynamic_step", "implicit_backward", "grouped_linear", "grouped_wgrad")
+
+
+def missing_cuda_kernels(names) -> list:
+    """The ``dynalay_C`` ops of ``names`` without a CUDA kernel."""
+    import torch
+
+    return [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dynalay_C::{n}", "CUDA")]
+
+
 def missing_ops(namespace: str, names) -> list:
     """The ops of ``names`` that ``torch.ops.<namespace>`` does not define."""
     import torch
@@ -54,6 +65,11 @@ def _load(name: str, expected_key: str) -> Optional[str]:
             if gone:
                 reason = (f"dynalay._C is a stale build (it lacks the ops {', '.join(gone)}): rebuild it with "
                           f"`pip install -e . --no-build-isolation`")
+        elif name == "_C_cuda":
+            gone = missing_cuda_kernels(CUDA_OPS)
+            if gone:
+                reason = (f"dynalay._C_cuda is a stale build (no CUDA kernel for {', '.join(gone)}): rebuild it "
+                          f"with `DYNALAY_BUILD_CUDA=1 pip install -e . --no-build-isolation`")
     except ImportError as e:
         info = build_info()
         if info and not info.get(expected_key, False):

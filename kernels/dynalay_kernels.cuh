@@ -27,15 +27,18 @@ extern "C" {
 
 // ---------------------------------------------------------------------------------------------
 // Grouped fixed-point solve (Picard with damping), per row i of layer l = a_i:
-//   forward (adjoint == 0): f(z) = tanh(z M[l] + c_i)          with M = W^T (pass W^T contiguous)
+//   forward (adjoint == 0): f(z) = tanh(z M[l] + c_i)          with M = W^T (pass W^T contiguous,
+//                           or W itself with m_is_w = 1 where dynalay_fp_solve_takes_w(H) says so)
 //   adjoint (adjoint == 1): f(u) = d_i * (c_i + u M[l])         with M = W
+//                           (d_is_z = 1: the d array holds z* and d_i = 1 - z*_i^2, rounded as
+//                           torch's 1 - z*z: product, then difference)
 // z <- z + damping (f - z) (exactly f when exact_step), frozen once
 // ||f - z||_2 / (||f||_2 + eps) < tol; see dynalay/backends/torch_ref.py.
 // ---------------------------------------------------------------------------------------------
 typedef struct DynalayFpSolveParams {
   const void* c;                  // (B, H) storage type
   const void* M;                  // (L, H, H) storage type, M[l][k][n]
-  const float* d;                 // (B, H) float32, adjoint only (else NULL)
+  const float* d;                 // (B, H) float32, adjoint only (else NULL); z* when d_is_z
   const void* z0;                 // (B, H) storage type or NULL (start from 0)
   void* z;                        // (B, H) storage type, out (rows of the tiles only)
   int32_t* iters;                 // (B,) out
@@ -53,6 +56,8 @@ typedef struct DynalayFpSolveParams {
   int32_t max_iter;               // >= 0
   int32_t exact_step;             // 1 when damping == 1 (z <- f exactly)
   int32_t adjoint;                // 0: forward map, 1: adjoint map (needs d)
+  int32_t d_is_z;                 // adjoint: d holds z*, the kernel uses 1 - z*^2
+  int32_t m_is_w;                 // M holds W[l] (not W[l]^T): only where dynalay_fp_solve_takes_w(H)
   float damping;
   double tol;
   double eps;
@@ -61,6 +66,10 @@ typedef struct DynalayFpSolveParams {
 // Rows per tile (BM) the solve kernels use for this H (route with this block_m); -1 if H is
 // out of range [1, 1024].
 int dynalay_fp_solve_block_m(int32_t H);
+
+// 1 when the solve for this H loads M into shared memory itself and so accepts m_is_w = 1 (the
+// forward then needs no transposed copy of W), else 0.
+int dynalay_fp_solve_takes_w(int32_t H);
 
 cudaError_t dynalay_fp_solve_f32(const DynalayFpSolveParams* p, cudaStream_t stream);
 cudaError_t dynalay_fp_solve_f16(const DynalayFpSolveParams* p, cudaStream_t stream);

@@ -48,6 +48,13 @@ __device__ __forceinline__ bool tile_of_block(const DynalayFpSolveParams& p, int
   return true;
 }
 
+// The adjoint's d at `off`: d itself, or 1 - z*^2 when d holds z* (product, then difference, each
+// rounded: the bits of torch's `1 - z * z`, whatever contraction the compiler would do).
+__device__ __forceinline__ float load_d(const DynalayFpSolveParams& p, int64_t off) {
+  const float v = __ldg(p.d + off);
+  return p.d_is_z ? __fsub_rn(1.0f, __fmul_rn(v, v)) : v;
+}
+
 // acc[j] += z[k..k+3] . m[0..3][j] for one row, in fixed k order.
 template <int CPT>
 __device__ __forceinline__ void fma_row4(float (&acc)[CPT], const float4 zv, const float (&m)[4][CPT]) {
@@ -167,7 +174,7 @@ __global__ void __launch_bounds__(TX * TY) fp_solve_kernel(const DynalayFpSolveP
           const float cv = ldg_f<Tag>(cg + off);
           float f;
           if (adj) {
-            f = __fmul_rn(__ldg(p.d + off), __fadd_rn(cv, acc[i][j]));
+            f = __fmul_rn(load_d(p, off), __fadd_rn(cv, acc[i][j]));
           } else {
             f = tanh_accurate(__fadd_rn(acc[i][j], cv));
           }
@@ -266,10 +273,18 @@ __global__ void __launch_bounds__(WARPS * 32) fp_solve_warp_kernel(const Dynalay
   int64_t start, end;
   if (!tile_of_block(p, BM, layer, start, end)) return;  // spare tile (block-uniform)
   const S* Mg = static_cast<const S*>(p.M) + static_cast<int64_t>(layer) * H * H;
-  for (int e = tid; e < KP * HC; e += WARPS * 32) {
-    const int k = e / HC;
-    const int n = e - k * HC;
-    M_s[e] = (k < H && n < H) ? ldg_f<Tag>(Mg + static_cast<int64_t>(k) * H + n) : 0.0f;
+  if (p.m_is_w) {  // Mg is W[l]: M_s[k][n] = W[n][k], read along k (coalesced)
+    for (int e = tid; e < KP * HC; e += WARPS * 32) {
+      const int n = e / KP;
+      const int k = e - n * KP;
+      M_s[k * HC + n] = (k < H && n < H) ? ldg_f<Tag>(Mg + static_cast<int64_t>(n) * H + k) : 0.0f;
+    }
+  } else {
+    for (int e = tid; e < KP * HC; e += WARPS * 32) {
+      const int k = e / HC;
+      const int n = e - k * HC;
+      M_s[e] = (k < H && n < H) ? ldg_f<Tag>(Mg + static_cast<int64_t>(k) * H + n) : 0.0f;
+    }
   }
   int64_t rows[RPT];
   unsigned mask = 0;
@@ -340,7 +355,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp_solve_warp_kernel(const Dynalay
         if (n < H) {
           const int64_t off = row * H + n;
           const float cv = ldg_f<Tag>(cg + off);
-          const float f = adj ? __fmul_rn(__ldg(p.d + off), __fadd_rn(cv, acc[i][j]))
+          const float f = adj ? __fmul_rn(load_d(p, off), __fadd_rn(cv, acc[i][j]))
                               : tanh_accurate(__fadd_rn(acc[i][j], cv));
           float* zp = zw + i * KP + n;
           const float zo = *zp;
@@ -417,6 +432,10 @@ int block_m_for(int H) {
   return H <= 256 ? 32 : 16;
 }
 
+// Whether the launch for this H takes the warp kernel, which loads M itself and can read W
+// in place of a transposed copy (m_is_w).
+bool takes_w(int H) { return H >= 1 && H <= 128 && variant() != kBlock; }
+
 // Launch one solve kernel over the tiles: opt in to `dyn_bytes` of dynamic shared memory (refused
 // when it and the kernel's static part exceed the device's per-block limit).
 cudaError_t run_kernel(void (*kernel)(DynalayFpSolveParams), const DynalayFpSolveParams& p, cudaStream_t stream,
@@ -466,6 +485,7 @@ cudaError_t launch(const DynalayFpSolveParams* pp, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   if (p.tile_layer != nullptr && (p.tile_row_start == nullptr || p.offsets == nullptr || p.perm == nullptr))
     return cudaErrorInvalidValue;
+  if (p.m_is_w && (p.adjoint || !takes_w(H))) return cudaErrorInvalidValue;  // only the warp kernel reads W
   if (p.B == 0) return cudaSuccess;
   int dev = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -500,6 +520,7 @@ cudaError_t launch(const DynalayFpSolveParams* pp, cudaStream_t stream) {
 extern "C" {
 
 int dynalay_fp_solve_block_m(int32_t H) { return dynalay::block_m_for(H); }
+int dynalay_fp_solve_takes_w(int32_t H) { return dynalay::takes_w(H) ? 1 : 0; }
 
 cudaError_t dynalay_fp_solve_f32(const DynalayFpSolveParams* p, cudaStream_t stream) {
   return dynalay::launch<dynalay::F32>(p, stream);

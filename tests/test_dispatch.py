@@ -326,6 +326,25 @@ def test_opcheck_route_and_dynamic_step(backend, gen):
         opcheck(torch.ops.dynalay.dynamic_step, args)
 
 
+def test_opcheck_fused_internal_ops(gen):
+    """The C++ ops behind the fused cpp (and cuda) paths: schema, fake kernels, and outputs that
+    never alias (the ones not asked for are distinct empty tensors)."""
+    from dynalay import _ext
+    from torch.library import opcheck
+    if _ext.cpp_error():
+        pytest.skip(f"dynalay._C is unavailable: {_ext.cpp_error()}")
+    dynalay.backends.get("cpp")  # registers the fake kernels
+    a = torch.tensor([0, 2, 1, 1, 2, 0, 1])
+    h, U, W, b = make_step_params(7, 5, 2, torch.float64, gen)
+    cfg = (1e-8, 200, "picard", 1.0, 5, 1e-6, 1e-12)
+    opcheck(torch.ops.dynalay_C.dynamic_step, (h, a, U, W, b) + cfg)
+    z = torch.tanh(h)
+    for step in (False, True):
+        for wants in ((True, True, step, step), (False, True, False, step), (True, False, step, False)):
+            opcheck(torch.ops.dynalay_C.implicit_backward,
+                    (z, h, W, a, h if step else None, U if step else None) + wants + cfg)
+
+
 def test_torch_compile_fullgraph_dynamic_step(gen):
     step = DynamicFPIStep(3, 16, check="none", tol=1e-6, max_iter=100).double()
     h = torch.randn(20, 16, generator=gen, dtype=torch.float64, requires_grad=True)

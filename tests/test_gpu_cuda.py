@@ -388,6 +388,63 @@ def test_grouped_wgrad_matches_torch_ref(B, N, K, L, grouped, gen):
     assert torch.equal(out, again)
 
 
+def _without_fused(monkeypatch):
+    """The per-op cuda path: dynamic_step as grouped_linear + fp_solve, the backward as the adjoint
+    fp_solve (d formed by torch) + grouped_wgrad (what DYNALAY_CUDA_FUSED=0 runs)."""
+    be = backends.get("cuda")
+    monkeypatch.delattr(be, "dynamic_step")
+    monkeypatch.delattr(be, "implicit_backward")
+
+
+@pytest.mark.parametrize("B,H", [(1, 20), (1000, 64), (777, 128), (300, 300)])
+def test_fused_fixed_point_backward_equals_the_per_op_path(B, H, gen, monkeypatch):
+    """The one-call backward (d = 1 - z*^2 in the solve kernel, same wgrad kernel) gives the bits of
+    the per-op path; the forward reads W in place (m_is_w) where H <= 128 and matches torch."""
+    assert hasattr(backends.get("cuda"), "implicit_backward"), "DYNALAY_CUDA_FUSED=0 in the environment?"
+    inj, W = problem(B, H, gen)
+    G = torch.randn(B, H, generator=gen, dtype=torch.float64).to(DEV, torch.float32)
+    outs = []
+    for fused in (True, False):
+        with monkeypatch.context() as m:
+            if not fused:
+                _without_fused(m)
+            i_, W_ = leaf(inj, torch.float32), leaf(W, torch.float32)
+            r = dynalay.fixed_point(i_, W_, backend="cuda", tol=1e-6, max_iter=300)
+            (r.z * G).sum().backward()
+            st = dynalay.ops.last_backward_stats
+            outs.append((r.z, r.iters, i_.grad, W_.grad, st["iters"].clone(), st["converged"].clone()))
+    for name, a, b in zip(("z", "iters", "dinj", "dW", "adjoint iters", "adjoint converged"), *outs):
+        assert torch.equal(a, b), (name, (a.double() - b.double()).abs().max())
+    ref = torch_ref.fp_solve(inj, W.unsqueeze(0), None, None, None, False, 1e-6, 300, "picard", 1.0, 5, 1e-6, 1e-12)
+    assert_iters_close(outs[0][1], ref[1])
+    assert_z_close(outs[0][0], ref[0], outs[0][1], ref[1])
+
+
+@pytest.mark.parametrize("case", ["mixed", "empty_layers", "all_nop", "skewed", "no_nop"])
+@pytest.mark.parametrize("B,H,L", [(600, 48, 4), (1, 20, 2), (130, 300, 3), (4096, 128, 4)])
+def test_fused_dynamic_step_equals_the_per_op_path(case, B, H, L, gen, monkeypatch):
+    """The cuda dynamic_step (one routing for projection and solve) and its one-call backward
+    against the per-op path: forward, iterations, dh and dW bit for bit (same kernels, same
+    tiles); dU and db (one reduction of [h, 1] there, two here) to float32 rounding."""
+    h, U, W, b = _step_problem(B, H, L, gen)
+    actions = _actions(case, B, L, gen)
+    G = torch.randn(B, H, generator=gen, dtype=torch.float64)
+    runs = []
+    for fused in (True, False):
+        with monkeypatch.context() as m:
+            if not fused:
+                _without_fused(m)
+            out, grads = _step(h, actions, U, W, b, "cuda", torch.float32, grad=G, tol=1e-6, max_iter=300)
+            runs.append((out, grads, dynalay.ops.last_backward_stats["iters"].clone()))
+    (o1, g1, it1), (o2, g2, it2) = runs
+    for name, a, c in (("h", o1.h, o2.h), ("iters", o1.iters, o2.iters), ("converged", o1.converged, o2.converged),
+                       ("adjoint iters", it1, it2), ("dh", g1[0], g2[0]),
+                       ("dW", g1[2], g2[2])):
+        assert torch.equal(a, c), (name, (a.double() - c.double()).abs().max())
+    for name, a, c in (("dU", g1[1], g2[1]), ("db", g1[3], g2[3])):
+        assert rel_err(a, c) < 1e-6, (name, rel_err(a, c))
+
+
 def test_opcheck_cuda_ops(gen):
     from torch.library import opcheck
     inj = leaf(torch.randn(6, 5, generator=gen), torch.float32)
@@ -400,6 +457,15 @@ def test_opcheck_cuda_ops(gen):
     b = leaf(torch.randn(2, 4, generator=gen), torch.float32)
     opcheck(torch.ops.dynalay.grouped_linear, (inj, U, b, acts, False, "cuda"))
     opcheck(torch.ops.dynalay.grouped_wgrad, (inj.detach(), inj.detach(), acts, 2, "cuda"))
+    # the fused internal ops (fake kernels in dynalay/backends/cpp.py)
+    h, W2 = inj.detach()[:, :4], leaf(make_W(4, L=2, gen=gen), torch.float32, False)
+    cfg = (1e-6, 200, "picard", 1.0, 5, 1e-6, 1e-12)
+    U2 = U.detach()[:, :, :4].contiguous()
+    opcheck(torch.ops.dynalay_C.dynamic_step, (h, acts, U2, W2, b.detach()) + cfg)
+    z = torch.tanh(h)
+    for step in (False, True):
+        opcheck(torch.ops.dynalay_C.implicit_backward,
+                (z, h, W2, acts, h if step else None, U2 if step else None, True, True, step, step) + cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -885,11 +885,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor iters = at::zeros({B}, z.options().dtype(at::kInt));
   at::Tensor res = at::zeros({B}, z.options());
   at::Tensor conv = at::ones({B}, z.options().dtype(at::kBool));
-  const at::Tensor none = at::empty({0}, z.options());  // an output not asked for
-  at::Tensor dx = want_x ? at::empty({B, H}, z.options()) : none;
-  at::Tensor dW = want_W ? at::zeros({L, H, H}, z.options()) : none;
-  at::Tensor dU = want_U ? at::zeros({L, H, H}, z.options()) : none;
-  at::Tensor db = want_b ? at::zeros({L, H}, z.options()) : none;
+  const auto none = [&] { return at::empty({0}, z.options()); };  // an output not asked for (outputs never alias)
+  at::Tensor dx = want_x ? at::empty({B, H}, z.options()) : none();
+  at::Tensor dW = want_W ? at::zeros({L, H, H}, z.options()) : none();
+  at::Tensor dU = want_U ? at::zeros({L, H, H}, z.options()) : none();
+  at::Tensor db = want_b ? at::zeros({L, H}, z.options()) : none();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "dynalay_implicit_backward_cpu", [&] {
     using T = scalar_t;
     if (want_x) {  // NOP rows: dynamic_step passes g through (h_new = h), fixed_point gives 0

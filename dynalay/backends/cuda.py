@@ -8,12 +8,14 @@ float32; the solve is Picard only (``solver="anderson"`` is refused: the selecto
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _ext
+from . import cpp as _cpp  # noqa: F401  (its import registers the fake kernels of the dynalay_C ops)
 
 MAX_H = 1024  # the CUDA solve keeps the tile's iterate in shared memory (kernels/fixed_point.cu)
 
@@ -53,3 +55,37 @@ def grouped_linear(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, t
 def grouped_wgrad(u: Tensor, x: Tensor, actions: Optional[Tensor], num_layers: int) -> Tensor:
     _check_cuda("u", u)
     return _ops().grouped_wgrad(u, x, actions, num_layers)
+
+
+def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, tol: float, max_iter: int, solver: str,
+                 damping: float, m: int, lam: float, eps: float):
+    """Fused DynaLay step: one routing for the projection (inj = h U[a]^T + b[a]) and the solve
+    over the tiles of all layers; NOP rows keep h.  Returns (h_new, iters, converged, residual)."""
+    if solver != "picard":
+        raise RuntimeError(f"dynalay: the cuda backend implements solver='picard' only (got {solver!r})")
+    _check_cuda("h", h)
+    z, it, res, conv = _ops().dynamic_step(h, actions, U, W, b, tol, max_iter, solver, damping, m, lam, eps)
+    return z, it, conv, res
+
+
+def implicit_backward(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], h: Optional[Tensor],
+                      U: Optional[Tensor], want_x: bool, want_W: bool, want_U: bool, want_b: bool, tol: float,
+                      max_iter: int, solver: str, damping: float, m: int, lam: float, eps: float):
+    """The implicit backward in one call (csrc/cuda/ops_cuda.cpp): the adjoint solve (d = 1 - z*^2
+    formed in the kernel) and every per-group reduction on one routing.  Returns (dx, dW, dU, db,
+    iters, res, conv) in float32; outputs not asked for are None."""
+    if solver != "picard":
+        raise RuntimeError(f"dynalay: the cuda backend implements solver='picard' only (got {solver!r})")
+    _check_cuda("z", z)
+    out = _ops().implicit_backward(z, g, W, actions, h, U, want_x, want_W, want_U, want_b, tol, max_iter, solver,
+                                   damping, m, lam, eps)
+    wants = (want_x, want_W, want_U, want_b)
+    return tuple(t if w else None for t, w in zip(out[:4], wants)) + tuple(out[4:])
+
+
+# DYNALAY_CUDA_FUSED=0 (read at import) drops the two fused entry points: dynamic_step then runs as
+# grouped_linear + fp_solve and the implicit backward as fp_solve (adjoint) + grouped_wgrad, each
+# op routing on its own.  Same results; for A/B timing and as a fallback.
+FUSED = os.environ.get("DYNALAY_CUDA_FUSED", "1") != "0"
+if not FUSED:
+    del dynamic_step, implicit_backward

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from .. import backends
 from ._common import (cast, cast_for, check_finite, check_tensor, compute_dtype, eager_function,
                       report, run_solve, tracing)
-from .fixed_point import (fused_implicit_grads, grouped_linear, grouped_wgrad, implicit_grads, phantom_grads,
-                          prepare_solve_args)
+from .fixed_point import (fused_implicit_grads, grouped_linear, grouped_wgrad, has_fused_backward, implicit_grads,
+                          phantom_grads, prepare_solve_args)
 
 
 class Routing(NamedTuple):
@@ -162,11 +162,9 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
     cd = compute_dtype(h.dtype)
     need_h, need_U, need_W, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3], \
         ctx.needs_input_grad[4]
-    if ctx.backward == "implicit" and ctx.backend == "cpp" and not torch.is_grad_enabled():
-        # the whole backward in one C++ call (with create_graph the generic path runs: its ops
-        # have no derivative and say so, where this call's outputs would silently be constants)
+    if ctx.backward == "implicit" and has_fused_backward(ctx.backend):  # the whole backward in one C++ call
         dh, dW, dU, db = fused_implicit_grads(h_new, g, W, actions, h, U, (need_h, need_W, need_U, need_b),
-                                              ctx.bcfg, ctx.check)
+                                              ctx.bcfg, ctx.check, ctx.backend)
         dt = ctx.dtypes  # (h, U, W, b)
         return (cast(dh, dt[0]), None, cast(dU, dt[1]), cast(dW, dt[2]), cast(db, dt[3])) + nones
     nop = (actions == L).unsqueeze(1)

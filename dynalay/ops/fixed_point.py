@@ -174,13 +174,22 @@ def implicit_grads(z: Tensor, gz: Tensor, W: Tensor, actions: Optional[Tensor], 
     return u, dW
 
 
+def has_fused_backward(backend: str) -> bool:
+    """Whether ``backend`` runs the implicit backward in one call (cpp; cuda unless
+    DYNALAY_CUDA_FUSED=0).  Only without ``create_graph``: with it the generic path runs, whose
+    ops have no derivative and say so, where the fused call's outputs would silently be
+    constants."""
+    return not torch.is_grad_enabled() and hasattr(backends.get(backend), "implicit_backward")
+
+
 def fused_implicit_grads(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], h: Optional[Tensor],
                          U: Optional[Tensor], wants: Tuple[bool, bool, bool, bool], bcfg: Tuple,
-                         check: str) -> Tuple[Optional[Tensor], ...]:
-    """The cpp backend's one-call implicit backward: (dx, dW, dU, db) in the compute dtype, with
-    the adjoint solve's statistics recorded and reported like ``implicit_grads``.  dx is dinj
-    (0 on NOP rows) for fixed_point; with ``h, U`` (dynamic_step) it is dh (g on NOP rows)."""
-    dx, dW, dU, db, it, res, conv = backends.get("cpp").implicit_backward(z, g, W, actions, h, U, *wants, *bcfg)
+                         check: str, backend: str) -> Tuple[Optional[Tensor], ...]:
+    """A backend's one-call implicit backward (``has_fused_backward``): (dx, dW, dU, db) in the
+    compute dtype, with the adjoint solve's statistics recorded and reported like
+    ``implicit_grads``.  dx is dinj (0 on NOP rows) for fixed_point; with ``h, U``
+    (dynamic_step) it is dh (g on NOP rows)."""
+    dx, dW, dU, db, it, res, conv = backends.get(backend).implicit_backward(z, g, W, actions, h, U, *wants, *bcfg)
     if not torch.compiler.is_compiling():
         last_backward_stats.update(iters=it, residual=res, converged=conv)
     report("backward (adjoint)", conv, res, bcfg[1], check)
@@ -263,11 +272,10 @@ def _fp_backward(ctx, gz, g_it, g_res, g_conv):
     if ctx.backward == "phantom":
         z, W, actions, inj = ctx.saved_tensors
         dinj, dW = phantom_grads(z, inj, gz, W, actions, ctx.phantom[0], ctx.phantom[1], ctx.backend, want_W)
-    elif ctx.backend == "cpp" and not torch.is_grad_enabled():  # adjoint solve + weight reduction, one C++ call
-        # (with create_graph the generic path runs: its ops have no derivative and say so)
+    elif has_fused_backward(ctx.backend):  # adjoint solve + weight reduction, one C++ call
         z, W, actions = ctx.saved_tensors
         dinj, dW, _, _ = fused_implicit_grads(z, gz, W, actions, None, None, (want_inj, want_W, False, False),
-                                              ctx.bcfg, ctx.check)
+                                              ctx.bcfg, ctx.check, ctx.backend)
     else:
         z, W, actions = ctx.saved_tensors
         dinj, dW = implicit_grads(z, gz, W, actions, ctx.bcfg, ctx.check, ctx.backend, want_W)
