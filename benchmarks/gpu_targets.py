@@ -73,11 +73,9 @@ def fp_call(p, inj, W, G, mode, names):
             solve = lambda i, w: deq(lambda z: torch.tanh(z @ w.t() + i), torch.zeros_like(i))[0][-1]
     else:
         be = names[p.replace("_graph", "")]
-        perop = p.startswith("cuda_perop")
 
         def solve(i, w):
-            with per_op_cuda(be) if perop else contextlib.nullcontext():
-                return dynalay.fixed_point(i, w, tol=TOL, max_iter=MAX_ITER, backend=be, check="none").z
+            return dynalay.fixed_point(i, w, tol=TOL, max_iter=MAX_ITER, backend=be, check="none").z
     if mode == "fwd":
         def call():
             with torch.no_grad():
@@ -87,6 +85,18 @@ def fp_call(p, inj, W, G, mode, names):
             i_ = inj.detach().requires_grad_()
             w_ = W.detach().requires_grad_()
             (solve(i_, w_) * G).sum().backward()
+    return finish(p, call, names)
+
+
+def finish(p, call, names):
+    """The call as provider ``p`` runs it: the per-op path for the whole call (forward and
+    backward), captured in a CUDA graph for ``*_graph``."""
+    if p.startswith("cuda_perop"):
+        inner = call
+
+        def call():
+            with per_op_cuda(names["cuda_perop"]):
+                return inner()
     return graphed(call) if p.endswith("_graph") else call
 
 
@@ -97,12 +107,9 @@ def step_call(p, h, a, U, W, b, G, mode, names, L):
         fn = lambda h_, U_, W_, b_: dense(h_, a, U_, W_, b_, L)
     else:
         be = names[p.replace("_graph", "")]
-        perop = p.startswith("cuda_perop")
 
         def fn(h_, U_, W_, b_):
-            with per_op_cuda(be) if perop else contextlib.nullcontext():
-                return dynalay.dynamic_step(h_, a, U_, W_, b_, tol=TOL, max_iter=MAX_ITER, backend=be,
-                                            check="none").h
+            return dynalay.dynamic_step(h_, a, U_, W_, b_, tol=TOL, max_iter=MAX_ITER, backend=be, check="none").h
     if mode == "fwd":
         def call():
             with torch.no_grad():
@@ -111,7 +118,7 @@ def step_call(p, h, a, U, W, b, G, mode, names, L):
         def call():
             ps = [x.detach().requires_grad_() for x in (h, U, W, b)]
             (fn(*ps) * G).sum().backward()
-    return graphed(call) if p.endswith("_graph") else call
+    return finish(p, call, names)
 
 
 def rounds(calls: dict, n: int, dev: str, log) -> dict:

@@ -273,11 +273,28 @@ __global__ void __launch_bounds__(WARPS * 32) fp_solve_warp_kernel(const Dynalay
   int64_t start, end;
   if (!tile_of_block(p, BM, layer, start, end)) return;  // spare tile (block-uniform)
   const S* Mg = static_cast<const S*>(p.M) + static_cast<int64_t>(layer) * H * H;
-  if (p.m_is_w) {  // Mg is W[l]: M_s[k][n] = W[n][k], read along k (coalesced)
-    for (int e = tid; e < KP * HC; e += WARPS * 32) {
-      const int n = e / KP;
-      const int k = e - n * KP;
-      M_s[k * HC + n] = (k < H && n < H) ? ldg_f<Tag>(Mg + static_cast<int64_t>(n) * H + k) : 0.0f;
+  if (p.m_is_w) {
+    // Mg is W[l] and M_s[k][n] = W[n][k].  Written directly, the transpose costs a 32-way bank
+    // conflict per store (a column of M_s is one bank: HC is a multiple of 32).  Instead each
+    // slab of 16 rows of W goes through a staging tile of pitch KP + 1 in the iterates' space
+    // (not in use yet): global reads along k (coalesced), shared reads and writes at most 2-way.
+    static_assert(BM >= 32, "the staging tile needs 16 (KP + 1) <= BM KP floats");
+    float* stage = M_s + static_cast<size_t>(KP) * HC;
+    const int P = KP + 1;
+    for (int n0 = 0; n0 < HC; n0 += 16) {
+      for (int e = tid; e < 16 * KP; e += WARPS * 32) {
+        const int r = e / KP;
+        const int k = e - r * KP;
+        const int n = n0 + r;
+        stage[r * P + k] = (k < H && n < H) ? ldg_f<Tag>(Mg + static_cast<int64_t>(n) * H + k) : 0.0f;
+      }
+      __syncthreads();
+      for (int e = tid; e < 16 * KP; e += WARPS * 32) {
+        const int k = e >> 4;
+        const int r = e & 15;
+        M_s[k * HC + n0 + r] = stage[r * P + k];
+      }
+      __syncthreads();  // the slab is read before the next one (or the iterates) overwrite it
     }
   } else {
     for (int e = tid; e < KP * HC; e += WARPS * 32) {
@@ -299,7 +316,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp_solve_warp_kernel(const Dynalay
   for (int i = 0; i < RPT; ++i)
     for (int k = lane; k < KP; k += 32)
       zw[i * KP + k] = (z0g != nullptr && rows[i] >= 0 && k < H) ? ldg_f<Tag>(z0g + rows[i] * H + k) : 0.0f;
-  __syncthreads();  // M_s complete (the only block-wide barrier)
+  __syncthreads();  // M_s complete (the last block-wide barrier)
 
   const S* cg = static_cast<const S*>(p.c);
   const bool exact = p.exact_step != 0;
