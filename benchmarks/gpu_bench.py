@@ -66,6 +66,23 @@ def graphed(call):
     return g.replay
 
 
+def mode_call(fn, args, G, mode):
+    """A zero-argument call of ``fn(*args)`` in ``mode``: "fwd" under no_grad (returns fn's result);
+    "fwdbwd" on fresh leaf copies of the float args, then ``(out * G).sum().backward()`` (``out``:
+    fn's result, or its first element when fn returns a tuple)."""
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return fn(*args)
+        return call
+
+    def call():
+        leaves = [a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        out = fn(*leaves)
+        (((out[0] if isinstance(out, tuple) else out)) * G).sum().backward()
+    return call
+
+
 def make_W(H, dev, dtype, L=None, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     shape = (L, H, H) if L else (H, H)
@@ -180,17 +197,7 @@ def run_fixed_point(args, dev, log, rows):
                         rec = dict(kind="fixed_point", provider=p, B=B, H=H, dtype=str(dt).split(".")[-1], mode=mode)
                         try:
                             tb.set_precision("tf32x3" if p == "triton_tf32x3" else "ieee")
-                            fn = fp_provider(p, dev)
-                            if mode == "fwd":
-                                def call():
-                                    with torch.no_grad():
-                                        return fn(inj, W)
-                            else:
-                                def call():
-                                    i_ = inj.detach().requires_grad_()
-                                    W_ = W.detach().requires_grad_()
-                                    z, _ = fn(i_, W_)
-                                    (z * G).sum().backward()
+                            call = mode_call(fp_provider(p, dev), (inj, W), G, mode)
                             out = call() if mode == "fwd" else None
                             ms = bench(graphed(call) if p.endswith("_graph") else call, dev)
                             rec["ms"] = ms
@@ -242,6 +249,30 @@ def dense(h, a, U, W, b, L):
     return stacked.gather(0, a.view(1, -1, 1).expand(1, -1, h.shape[1])).squeeze(0)
 
 
+def dispatch_problem(B, H, L, dev):
+    """The dispatch benchmark's step (h, U, W, b), loss weights G, and its generator (which then
+    draws the actions of every mix, in the order of ``dispatch_mixes``)."""
+    g = torch.Generator(device="cpu").manual_seed(7 + H)
+    h = torch.randn(B, H, generator=g).to(dev)
+    U = (torch.randn(L, H, H, generator=g) / math.sqrt(H)).to(dev)
+    W = make_W(H, dev, torch.float32, L=L, seed=H)
+    b = (0.1 * torch.randn(L, H, generator=g)).to(dev)
+    G = torch.randn(B, H, generator=g).to(dev)
+    return (h, U, W, b), G, g
+
+
+def dispatch_mixes(B, L, g, dev):
+    """(actions kind, NOP fraction, actions) for uniform and skewed (90% on layer 0) layers, with
+    NOP fractions 0, 0.5, 0.9."""
+    for skew in ("uniform", "skew"):
+        for nop in (0.0, 0.5, 0.9):
+            r = torch.rand(B, generator=g)
+            layer = torch.randint(0, L, (B,), generator=g)
+            if skew == "skew":
+                layer = torch.where(torch.rand(B, generator=g) < 0.9, torch.zeros_like(layer), layer)
+            yield skew, nop, torch.where(r < nop, torch.full_like(layer, L), layer).to(dev)
+
+
 def run_dispatch(args, dev, log, rows):
     L = 4
     Bs = [4096] if not args.quick else [128]
@@ -250,47 +281,29 @@ def run_dispatch(args, dev, log, rows):
         ["per_layer_loop", "dense"]
     for H in Hs:
         for B in Bs:
-            g = torch.Generator(device="cpu").manual_seed(7 + H)
-            h = torch.randn(B, H, generator=g).to(dev)
-            U = (torch.randn(L, H, H, generator=g) / math.sqrt(H)).to(dev)
-            W = make_W(H, dev, torch.float32, L=L, seed=H)
-            b = (0.1 * torch.randn(L, H, generator=g)).to(dev)
-            G = torch.randn(B, H, generator=g).to(dev)
-            for skew in ("uniform", "skew"):
-                for nop in (0.0, 0.5, 0.9):
-                    r = torch.rand(B, generator=g)
-                    layer = torch.randint(0, L, (B,), generator=g)
-                    if skew == "skew":
-                        layer = torch.where(torch.rand(B, generator=g) < 0.9, torch.zeros_like(layer), layer)
-                    a = torch.where(r < nop, torch.full_like(layer, L), layer).to(dev)
-                    for p in provs:
-                        be = p.replace("_graph", "")
-                        if be in ("triton", "cuda", "cpp") and backends.not_supported_reasons(be, dev, torch.float32):
-                            continue
-                        for mode in ("fwd", "fwdbwd"):
-                            rec = dict(kind="dispatch", provider=p, B=B, H=H, L=L, nop=nop, actions=skew, mode=mode)
-                            try:
-                                if be in ("triton", "cuda", "torch", "cpp"):
-                                    fn = lambda h_, U_, W_, b_, be=be: dynalay.dynamic_step(
-                                        h_, a, U_, W_, b_, tol=TOL, max_iter=MAX_ITER, backend=be, check="none").h
-                                elif p == "per_layer_loop":
-                                    fn = lambda h_, U_, W_, b_: per_layer_loop(h_, a, U_, W_, b_, L)
-                                else:
-                                    fn = lambda h_, U_, W_, b_: dense(h_, a, U_, W_, b_, L)
-                                if mode == "fwd":
-                                    def call():
-                                        with torch.no_grad():
-                                            fn(h, U, W, b)
-                                else:
-                                    def call():
-                                        ps = [x.detach().requires_grad_() for x in (h, U, W, b)]
-                                        (fn(*ps) * G).sum().backward()
-                                rec["ms"] = bench(graphed(call) if p.endswith("_graph") else call, dev)
-                            except Exception as e:  # noqa: BLE001
-                                rec["error"] = f"{type(e).__name__}: {e}"[:300]
-                                log(traceback.format_exc()[-1500:])
-                            rows.append(rec)
-                            log(json.dumps(rec))
+            (h, U, W, b), G, g = dispatch_problem(B, H, L, dev)
+            for skew, nop, a in dispatch_mixes(B, L, g, dev):
+                for p in provs:
+                    be = p.replace("_graph", "")
+                    if be in ("triton", "cuda", "cpp") and backends.not_supported_reasons(be, dev, torch.float32):
+                        continue
+                    for mode in ("fwd", "fwdbwd"):
+                        rec = dict(kind="dispatch", provider=p, B=B, H=H, L=L, nop=nop, actions=skew, mode=mode)
+                        try:
+                            if be in ("triton", "cuda", "torch", "cpp"):
+                                fn = lambda h_, U_, W_, b_, be=be: dynalay.dynamic_step(
+                                    h_, a, U_, W_, b_, tol=TOL, max_iter=MAX_ITER, backend=be, check="none").h
+                            elif p == "per_layer_loop":
+                                fn = lambda h_, U_, W_, b_: per_layer_loop(h_, a, U_, W_, b_, L)
+                            else:
+                                fn = lambda h_, U_, W_, b_: dense(h_, a, U_, W_, b_, L)
+                            call = mode_call(fn, (h, U, W, b), G, mode)
+                            rec["ms"] = bench(graphed(call) if p.endswith("_graph") else call, dev)
+                        except Exception as e:  # noqa: BLE001
+                            rec["error"] = f"{type(e).__name__}: {e}"[:300]
+                            log(traceback.format_exc()[-1500:])
+                        rows.append(rec)
+                        log(json.dumps(rec))
 
 
 class Stopped(BaseException):

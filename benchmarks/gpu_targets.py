@@ -40,8 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dynalay  # noqa: E402
 from dynalay import backends  # noqa: E402
-from gpu_bench import (MAX_ITER, TOL, Stopped, _stop, bench, compiled_solve, dense, eager_solve,  # noqa: E402
-                       graphed, make_W, measure_peaks, per_layer_loop, torchdeq_solver)
+from gpu_bench import (MAX_ITER, TOL, Stopped, _stop, bench, compiled_solve, dense,  # noqa: E402
+                       dispatch_mixes, dispatch_problem, eager_solve, graphed, make_W, measure_peaks, mode_call,
+                       per_layer_loop, torchdeq_solver)
 
 FUSED_ATTRS = ("dynamic_step", "implicit_backward")
 
@@ -76,16 +77,7 @@ def fp_call(p, inj, W, G, mode, names):
 
         def solve(i, w):
             return dynalay.fixed_point(i, w, tol=TOL, max_iter=MAX_ITER, backend=be, check="none").z
-    if mode == "fwd":
-        def call():
-            with torch.no_grad():
-                return solve(inj, W)
-    else:
-        def call():
-            i_ = inj.detach().requires_grad_()
-            w_ = W.detach().requires_grad_()
-            (solve(i_, w_) * G).sum().backward()
-    return finish(p, call, names)
+    return finish(p, mode_call(solve, (inj, W), G, mode), names)
 
 
 def finish(p, call, names):
@@ -110,15 +102,7 @@ def step_call(p, h, a, U, W, b, G, mode, names, L):
 
         def fn(h_, U_, W_, b_):
             return dynalay.dynamic_step(h_, a, U_, W_, b_, tol=TOL, max_iter=MAX_ITER, backend=be, check="none").h
-    if mode == "fwd":
-        def call():
-            with torch.no_grad():
-                fn(h, U, W, b)
-    else:
-        def call():
-            ps = [x.detach().requires_grad_() for x in (h, U, W, b)]
-            (fn(*ps) * G).sum().backward()
-    return finish(p, call, names)
+    return finish(p, mode_call(fn, (h, U, W, b), G, mode), names)
 
 
 def rounds(calls: dict, n: int, dev: str, log) -> dict:
@@ -229,31 +213,20 @@ def measure(args, res, dev, gpu, names, inj, W, G, log):
     pd = ["triton", "cuda", "cuda_perop"] + (["triton_graph", "cuda_graph"] if gpu else []) + \
         ["per_layer_loop", "dense"]
     for Bd in [Bs] + list(args.saving_B):
-        gd = torch.Generator(device="cpu").manual_seed(7 + Hs)
-        h = torch.randn(Bd, Hs, generator=gd).to(dev)
-        U = (torch.randn(L, Hs, Hs, generator=gd) / Hs ** 0.5).to(dev)
-        Wd = make_W(Hs, dev, torch.float32, L=L, seed=Hs)
-        bd = (0.1 * torch.randn(L, Hs, generator=gd)).to(dev)
-        Gd = torch.randn(Bd, Hs, generator=gd).to(dev)
+        (h, U, Wd, bd), Gd, gd = dispatch_problem(Bd, Hs, L, dev)
         provs = pd if Bd == Bs else ["triton", "triton_graph", "per_layer_loop"]
-        for skew in ("uniform", "skew"):
-            for nop in (0.0, 0.5, 0.9):
-                rr = torch.rand(Bd, generator=gd)
-                layer = torch.randint(0, L, (Bd,), generator=gd)
-                if skew == "skew":
-                    layer = torch.where(torch.rand(Bd, generator=gd) < 0.9, torch.zeros_like(layer), layer)
-                a = torch.where(rr < nop, torch.full_like(layer, L), layer).to(dev)
-                for mode in ("fwd", "fwdbwd"):
-                    calls = make_calls(provs, lambda p: step_call(p, h, a, U, Wd, bd, Gd, mode, names, L), log)
-                    t = rounds(calls, max(1, args.rounds - 2), dev, log)
-                    rec = dict(B=Bd, H=Hs, L=L, actions=skew, nop=nop, mode=mode, times=t)
-                    res["dispatch"].append(rec)
-                    log("dispatch " + json.dumps({k: v for k, v in rec.items() if k != "times"}) + " " +
-                        json.dumps({k: [round(x, 4) for x in v] for k, v in t.items()}))
-                    if gpu and mode == "fwdbwd" and skew == "uniform" and nop == 0.0 and Bd == Bs:
-                        for p in ("triton", "cuda", "cuda_perop"):
-                            if calls.get(p) is not None:
-                                res["kernels"][f"dynamic_step {p} fwdbwd"] = kernels_per_call(calls[p], dev)
+        for skew, nop, a in dispatch_mixes(Bd, L, gd, dev):
+            for mode in ("fwd", "fwdbwd"):
+                calls = make_calls(provs, lambda p: step_call(p, h, a, U, Wd, bd, Gd, mode, names, L), log)
+                t = rounds(calls, max(1, args.rounds - 2), dev, log)
+                rec = dict(B=Bd, H=Hs, L=L, actions=skew, nop=nop, mode=mode, times=t)
+                res["dispatch"].append(rec)
+                log("dispatch " + json.dumps({k: v for k, v in rec.items() if k != "times"}) + " " +
+                    json.dumps({k: [round(x, 4) for x in v] for k, v in t.items()}))
+                if gpu and mode == "fwdbwd" and skew == "uniform" and nop == 0.0 and Bd == Bs:
+                    for p in ("triton", "cuda", "cuda_perop"):
+                        if calls.get(p) is not None:
+                            res["kernels"][f"dynamic_step {p} fwdbwd"] = kernels_per_call(calls[p], dev)
 
     # ---- phase 2: the compiled loop and torchdeq, with eager and the fused ops re-timed ----------
     if not args.no_compiled:
