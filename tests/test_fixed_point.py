@@ -371,6 +371,29 @@ def test_stale_extension_is_reported_and_not_used(monkeypatch):
     assert r.converged.all()
 
 
+def test_cuda_kernel_check_and_fused_switch():
+    """The stale-build check of dynalay._C_cuda lists the ops without a CUDA kernel (all of them
+    where no CUDA library is loaded, none where it is), and DYNALAY_CUDA_FUSED=0 (read at import)
+    drops the cuda backend's two fused entry points, which the ops then do not take."""
+    import os
+    import subprocess
+    import sys
+    from dynalay import _ext
+    if _ext.cpp_error():
+        pytest.skip("cpp backend not built (it defines the op schemas)")
+    missing = _ext.missing_cuda_kernels(_ext.CUDA_OPS)
+    assert missing == ([] if _ext.cuda_error() is None else list(_ext.CUDA_OPS))
+    code = ("import importlib, torch; import dynalay.backends.cuda as c; "
+            "f = importlib.import_module('dynalay.ops.fixed_point'); torch.set_grad_enabled(False); "
+            "print(hasattr(c, 'implicit_backward'), hasattr(c, 'dynamic_step'), f.has_fused_backward('cuda'))")
+    base = {k: v for k, v in os.environ.items() if k != "DYNALAY_CUDA_FUSED"}
+    for extra, want in (({}, "True True True"), ({"DYNALAY_CUDA_FUSED": "0"}, "False False False")):
+        env = dict(base, **extra)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0 and out.stdout.strip() == want, (env.get("DYNALAY_CUDA_FUSED"), out.stdout,
+                                                                   out.stderr[-2000:])
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_double_backward_through_the_implicit_gradient_raises(backend, gen):
     """The implicit backward has no derivative of its own: create_graph=True followed by a second
