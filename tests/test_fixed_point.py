@@ -409,6 +409,31 @@ def test_double_backward_through_the_implicit_gradient_raises(backend, gen):
             torch.autograd.grad(g.sum(), x)
 
 
+def test_large_fp32_fixed_points_prefer_triton_on_cuda(monkeypatch):
+    """fp32 solves with H > 128 and B >= 65536 go to Triton first on CUDA (measured there, session
+    15); smaller batches, H <= 128 and bf16 keep the CUDA C++ kernels first; CPU is unaffected.
+    The public function selects with the shape's key."""
+    assert backends.fixed_point_op(65536, 256, torch.float32) == "fixed_point/large"
+    assert backends.fixed_point_op(10 ** 6, 1024, torch.float32) == "fixed_point/large"
+    for B, H, dt in ((65535, 256, torch.float32), (65536, 128, torch.float32), (65536, 512, torch.bfloat16),
+                     (8192, 512, torch.float32)):
+        assert backends.fixed_point_op(B, H, dt) == "fixed_point", (B, H, dt)
+    monkeypatch.setattr(backends, "_cache", {})
+    monkeypatch.setattr(backends, "not_supported_reasons", lambda name, *a, **k: [])
+    assert backends.select("cuda", torch.float32, op="fixed_point/large") == "triton"
+    assert backends.select("cuda", torch.float32, op="fixed_point") == "cuda"
+    assert backends.select("cpu", torch.float32, op="fixed_point/large") == "cpp"
+    monkeypatch.setattr(backends, "_cache", {})
+    monkeypatch.setattr(backends, "not_supported_reasons", lambda name, *a, **k: ["no"] if name == "triton" else [])
+    assert backends.select("cuda", torch.float32, op="fixed_point/large") == "cuda"
+    seen = []
+    real = backends.select
+    monkeypatch.setattr(backends, "select", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k.get("op"))
+                        or real(*a, **k))
+    dynalay.fixed_point(torch.zeros(3, 4), torch.zeros(4, 4), check="none")
+    assert seen == ["fixed_point"]
+
+
 def test_env_var_selects_backend(monkeypatch):
     monkeypatch.setenv("DYNALAY_BACKEND", "torch")
     assert backends.select("cpu", torch.float32) == "torch"

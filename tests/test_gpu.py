@@ -134,6 +134,8 @@ def test_auto_selection_on_cuda():
     assert backends.select(DEV, torch.float32) in ("triton", "cuda")
     cuda_ok = not backends.not_supported_reasons("cuda", "cuda", torch.float32)
     assert backends.select(DEV, torch.float32, op="fixed_point") == ("cuda" if cuda_ok else "triton")
+    assert backends.select(DEV, torch.float32, op="fixed_point/large") == "triton"
+    assert backends.select(DEV, torch.bfloat16, op="fixed_point") == ("cuda" if cuda_ok else "triton")
     assert backends.select(DEV, torch.float32, op="dynamic_step") == "triton"
     assert backends.select(DEV, torch.float32, ("anderson",)) == "torch"
     assert backends.select(DEV, torch.float64) == "torch"

@@ -30,7 +30,19 @@ _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 # C++ kernels (fp32 B=8192: 0.06/0.12 ms at H=64/128 against Triton's 0.08-0.14/0.13, and the
 # lighter C++ call path in fwd+bwd); a dynamic step runs faster on Triton, whose routing is two
 # launches where the C++ glue's is ~20 ATen kernels.
-_AUTO_ORDER_OP = {("cuda", "fixed_point"): ("cuda", "triton", "torch")}
+# Large fp32 solves with H > 128 are the exception to the exception (session 15, run 1:
+# benchmarks/results/gpu-h200-2026-11-28-s15/): at B=65536 Triton's tiled path beats the CUDA block
+# kernel, which reads M through L2 (H=256: 2.98 vs 4.95 ms forward, 6.04 vs 10.68 fwd+bwd; H=512:
+# 10.3 vs 15.8 and 20.9 vs 35.0), while at B <= 8192 the CUDA kernels lead or tie.  bf16 stays on
+# cuda (level at H=256, ahead at H=512).  ``fixed_point_op`` picks the key.
+_AUTO_ORDER_OP = {("cuda", "fixed_point"): ("cuda", "triton", "torch"),
+                  ("cuda", "fixed_point/large"): ("triton", "cuda", "torch")}
+LARGE_B = 65536  # the smallest batch measured where Triton leads (8192: cuda leads or ties)
+
+
+def fixed_point_op(B: int, H: int, dtype: torch.dtype) -> str:
+    """The ``op`` key under which ``fixed_point`` selects its backend for a (B, H) solve."""
+    return "fixed_point/large" if dtype == torch.float32 and H > 128 and B >= LARGE_B else "fixed_point"
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -377,9 +377,10 @@ def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50
     args = prepare_solve_args(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backward, backward_tol,
                               backward_max_iter, backward_solver, phantom_steps, phantom_damping, check)
     check_finite(check, inj=inj, W=W, z0=z0)
-    be = backends.select(inj.device, inj.dtype, (solver,), backend, "fixed_point")
+    op_key = backends.fixed_point_op(B, H, inj.dtype)
+    be = backends.select(inj.device, inj.dtype, (solver,), backend, op_key)
     b_solver = args[10]
-    b_be = be if b_solver == solver else backends.select(inj.device, inj.dtype, (b_solver,), backend, "fixed_point")
+    b_be = be if b_solver == solver else backends.select(inj.device, inj.dtype, (b_solver,), backend, op_key)
     op = fixed_point_fwd if tracing(inj, W, z0) else _FixedPointFn
     z, it, res, conv = op(inj, W.unsqueeze(0), None, z0, *args, be, b_be)
     report("forward", conv, res, max_iter, check)
