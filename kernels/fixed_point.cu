@@ -337,6 +337,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp_solve_warp_kernel(const Dynalay
     for (int i = 0; i < RPT; ++i)
 #pragma unroll
       for (int j = 0; j < CPT; ++j) acc[i][j] = 0.0f;
+    if (it > 1 || z0g != nullptr) {  // from z0 = 0 the first product is exactly 0: skip it
 #pragma unroll 2
     for (int k = 0; k < KP; k += 4) {
       float m[4][CPT];
@@ -359,6 +360,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp_solve_warp_kernel(const Dynalay
       }
 #pragma unroll
       for (int i = 0; i < RPT; ++i) fma_row4<CPT>(acc[i], *reinterpret_cast<const float4*>(zw + i * KP + k), m);
+    }
     }
     __syncwarp();  // every lane has read the iterate before any lane rewrites it
 #pragma unroll
