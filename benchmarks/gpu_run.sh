@@ -8,6 +8,10 @@
 # BENCH_ARGS, TUNE_ARGS, *_TIMEOUT;
 # TUNED_ENV='export ...' replays the choices of an earlier tune stage (written to $OUT/tuned.env).
 # TOTAL_S: a wall budget for the whole script; every stage's timeout is cut to what is left of it.
+# Within a 15-minute device budget (session 15: a machine starts in ~30 s; build ~100 s, GPU tests
+# ~90 s, targets ~100 s):
+#   TOTAL_S=540 SKIP_TUNE=1 TEST_PATHS="tests/test_gpu.py tests/test_gpu_cuda.py" \
+#     BENCH_ARGS="--B 8192 --only fixed_point" bash benchmarks/gpu_run.sh
 set -u
 T_END=$(( $(date +%s) + ${TOTAL_S:-100000} ))
 tl() { local left=$(( T_END - $(date +%s) - 5 )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
