@@ -23,9 +23,9 @@ def cmd_info(args) -> int:
           f"DYNALAY_BACKEND={os.environ.get('DYNALAY_BACKEND', 'auto')}")
     cuda = torch.cuda.is_available()
     print(f"CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none'}   torch CUDA build: {torch.version.cuda}")
+    from .backends import cuda as cuda_backend
     print(f"cuda backend: solve variant DYNALAY_CUDA_SOLVE={os.environ.get('DYNALAY_CUDA_SOLVE') or 'r4w8 (default)'}"
-          f"   fused dynamic_step / backward: "
-          f"{'off (DYNALAY_CUDA_FUSED=0)' if os.environ.get('DYNALAY_CUDA_FUSED', '1') == '0' else 'on'}")
+          f"   fused dynamic_step / backward: {'on' if cuda_backend.FUSED else 'off (DYNALAY_CUDA_FUSED=0)'}")
     print(f"build: {_ext.build_info() or 'no build_info.json (extensions not built)'}")
     print(f"CPU threads: {torch.get_num_threads()}")
     print()

@@ -126,6 +126,15 @@ void add_tiles(Routing& r, int64_t B, int64_t L, int64_t block_m) {
   r.block_m = block_m;
 }
 
+// The routing of `r` with tile tables for the grouped linear kernel's block size (the same sort;
+// new tables only when that size differs from r's).
+Routing linear_routing(const Routing& r, int64_t B, int64_t L) {
+  Routing rl = r;
+  const int lbm = dynalay_grouped_linear_block_m();
+  if (lbm != r.block_m) add_tiles(rl, B, L, lbm);
+  return rl;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launch helpers: the tensors are prepared (device, dtype, contiguity) by the ops below.
 // ---------------------------------------------------------------------------------------------
@@ -137,6 +146,16 @@ struct SolveArgs {
   bool adjoint = false;
   double tol = 1e-4, damping = 1.0, eps = 1e-12;
   int64_t max_iter = 50;
+
+  SolveArgs(at::ScalarType st_, double tol_, int64_t max_iter_, double damping_, double eps_)
+      : st(st_), tol(tol_), damping(damping_), eps(eps_), max_iter(max_iter_) {}
+
+  // The forward map's M from W (storage dtype st): W itself where the kernel reads it in place
+  // (m_is_w), else a contiguous W^T.
+  void set_forward_M(const at::Tensor& W, int64_t H) {
+    m_is_w = dynalay_fp_solve_takes_w(static_cast<int32_t>(H)) != 0;
+    M = m_is_w ? W.contiguous() : W.transpose(1, 2).contiguous();
+  }
 };
 
 void launch_solve(const SolveArgs& a, at::Tensor& z, at::Tensor& iters, at::Tensor& res, at::Tensor& conv,
@@ -314,13 +333,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fp_solve_cuda(
   const bool has_z0 = z0_in.has_value() && z0_in->defined();
 
   c10::cuda::CUDAGuard guard(dev);
-  SolveArgs s;
-  s.st = common_storage({c_in.scalar_type(), W_in.scalar_type()});
+  SolveArgs s(common_storage({c_in.scalar_type(), W_in.scalar_type()}), tol, max_iter, damping, eps);
   s.c = c_in.to(s.st).contiguous();
   const at::Tensor W = W_in.to(s.st);
   // p = z M: the adjoint takes M = W; the forward M = W^T, read in place where the kernel can
-  s.m_is_w = !adjoint && dynalay_fp_solve_takes_w(static_cast<int32_t>(H)) != 0;
-  s.M = (adjoint || s.m_is_w) ? W.contiguous() : W.transpose(1, 2).contiguous();
+  if (adjoint)
+    s.M = W.contiguous();
+  else
+    s.set_forward_M(W, H);
   if (adjoint) {
     check_device(*d_in, "d", dev);
     TORCH_CHECK(d_in->dim() == 2 && d_in->size(0) == B && d_in->size(1) == H,
@@ -336,10 +356,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fp_solve_cuda(
     s.z0 = z0_in->to(s.st).contiguous();
   }
   s.adjoint = adjoint;
-  s.tol = tol;
-  s.max_iter = max_iter;
-  s.damping = damping;
-  s.eps = eps;
   at::Tensor a;
   if (grouped) a = checked_actions(*actions, B, dev);
   // NOP rows are in no tile: they keep z0 (or 0), 0 iterations, residual 0, converged
@@ -387,24 +403,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_cuda(
   const int bm = solve_block_m(H);
   c10::cuda::CUDAGuard guard(dev);
   const at::Tensor a = checked_actions(actions, B, dev);
-  SolveArgs s;
-  s.st = common_storage({h_in.scalar_type(), U_in.scalar_type(), W_in.scalar_type(), b_in.scalar_type()});
+  SolveArgs s(common_storage({h_in.scalar_type(), U_in.scalar_type(), W_in.scalar_type(), b_in.scalar_type()}), tol,
+              max_iter, damping, eps);
   const at::Tensor h = h_in.to(s.st).contiguous();
   const at::Tensor U = U_in.to(s.st).contiguous();
   const at::Tensor b = b_in.to(s.st).contiguous();
-  const at::Tensor W = W_in.to(s.st);
-  s.m_is_w = dynalay_fp_solve_takes_w(static_cast<int32_t>(H)) != 0;
-  s.M = s.m_is_w ? W.contiguous() : W.transpose(1, 2).contiguous();
-  s.tol = tol;
-  s.max_iter = max_iter;
-  s.damping = damping;
-  s.eps = eps;
+  s.set_forward_M(W_in.to(s.st), H);
   SolveOut o = solve_outputs(h.options(), B, H, a, L, h);  // NOP rows keep h
   if (B > 0) {
     const Routing r = route(a, L, bm, /*tiles=*/true);
-    Routing rl = r;
-    const int lbm = dynalay_grouped_linear_block_m();
-    if (lbm != bm) add_tiles(rl, B, L, lbm);
+    const Routing rl = linear_routing(r, B, L);
     s.c = at::empty({B, H}, h.options());  // inj = h U[a]^T + b[a]; NOP rows are never read
     launch_linear(s.st, h, U, b, s.c, rl, /*transpose=*/false, B, H, H, L);
     launch_solve(s, o.z, o.iters, o.res, o.conv, &r, B, H, L, bm);
@@ -463,17 +471,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   c10::cuda::CUDAGuard guard(dev);
   at::Tensor a;
   if (grouped) a = checked_actions(*actions, B, dev);
-  SolveArgs s;
-  s.st = at::kFloat;
+  SolveArgs s(at::kFloat, tol, max_iter, damping, eps);
   s.c = g_in.to(at::kFloat).contiguous();
   s.M = W_in.to(at::kFloat).contiguous();   // the adjoint map: u M with M = W
   s.d = z_in.to(at::kFloat).contiguous();   // z*, and d = 1 - z*^2 in the kernel
   s.d_is_z = true;
   s.adjoint = true;
-  s.tol = tol;
-  s.max_iter = max_iter;
-  s.damping = damping;
-  s.eps = eps;
   SolveOut o = solve_outputs(s.c.options(), B, H, a, L, at::Tensor());  // u: 0 on NOP rows
   Routing r;
   if (grouped && B > 0) r = route(a, L, bm, /*tiles=*/true);
@@ -490,13 +493,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (want_x) {
     if (step) {
       dx = s.c.clone(at::MemoryFormat::Contiguous);  // NOP rows: h_new = h, so dh = g
-      if (B > 0) {
-        Routing rl = r;
-        const int lbm = dynalay_grouped_linear_block_m();
-        if (lbm != bm) add_tiles(rl, B, L, lbm);
-        launch_linear(at::kFloat, u, U_in->to(at::kFloat).contiguous(), at::Tensor(), dx, rl, /*transpose=*/true, B,
-                      H, H, L);
-      }
+      if (B > 0)
+        launch_linear(at::kFloat, u, U_in->to(at::kFloat).contiguous(), at::Tensor(), dx, linear_routing(r, B, L),
+                      /*transpose=*/true, B, H, H, L);
     } else {
       dx = u;
     }

@@ -43,6 +43,8 @@ LARGE_B = 65536  # the smallest batch measured where Triton leads (8192: cuda le
 def fixed_point_op(B: int, H: int, dtype: torch.dtype) -> str:
     """The ``op`` key under which ``fixed_point`` selects its backend for a (B, H) solve."""
     return "fixed_point/large" if dtype == torch.float32 and H > 128 and B >= LARGE_B else "fixed_point"
+
+
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -35,11 +35,15 @@ def _check_cuda(name: str, t: Optional[Tensor]) -> None:
         raise RuntimeError(f"dynalay: the cuda backend takes CUDA tensors ({name} is on {t.device})")
 
 
-def fp_solve(c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor], z0: Optional[Tensor],
-             adjoint: bool, tol: float, max_iter: int, solver: str, damping: float, m: int, lam: float, eps: float):
+def _check_picard(solver: str) -> None:
     if solver != "picard":
         raise RuntimeError(f"dynalay: the cuda backend implements solver='picard' only (got {solver!r}); "
                            "use backend='torch' or 'cpp' for Anderson")
+
+
+def fp_solve(c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor], z0: Optional[Tensor],
+             adjoint: bool, tol: float, max_iter: int, solver: str, damping: float, m: int, lam: float, eps: float):
+    _check_picard(solver)
     _check_cuda("c", c)
     if c.shape[1] > MAX_H:
         raise RuntimeError(f"dynalay: the cuda backend solves H <= {MAX_H} (got H={c.shape[1]}); "
@@ -61,8 +65,7 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, to
                  damping: float, m: int, lam: float, eps: float):
     """Fused DynaLay step: one routing for the projection (inj = h U[a]^T + b[a]) and the solve
     over the tiles of all layers; NOP rows keep h.  Returns (h_new, iters, converged, residual)."""
-    if solver != "picard":
-        raise RuntimeError(f"dynalay: the cuda backend implements solver='picard' only (got {solver!r})")
+    _check_picard(solver)
     _check_cuda("h", h)
     z, it, res, conv = _ops().dynamic_step(h, actions, U, W, b, tol, max_iter, solver, damping, m, lam, eps)
     return z, it, conv, res
@@ -74,8 +77,7 @@ def implicit_backward(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor]
     """The implicit backward in one call (csrc/cuda/ops_cuda.cpp): the adjoint solve (d = 1 - z*^2
     formed in the kernel) and every per-group reduction on one routing.  Returns (dx, dW, dU, db,
     iters, res, conv) in float32; outputs not asked for are None."""
-    if solver != "picard":
-        raise RuntimeError(f"dynalay: the cuda backend implements solver='picard' only (got {solver!r})")
+    _check_picard(solver)
     _check_cuda("z", z)
     out = _ops().implicit_backward(z, g, W, actions, h, U, want_x, want_W, want_U, want_b, tol, max_iter, solver,
                                    damping, m, lam, eps)
