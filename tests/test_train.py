@@ -1,6 +1,7 @@
 """Training, evaluation, checkpoints, resume, NaN handling, the CLI and DDP (small budgets, digits)."""
 import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
@@ -51,6 +52,37 @@ def test_tiny_end_to_end_beats_chance(trained, digits):
     rep = R.aggregate([dict(res, seed=0)])
     assert "targets" in rep and rep["targets"]["flops_ratio_vs_static"] < 1
     assert "dynalay" in R.format_table(rep)
+
+
+def test_wall_time_by_batch_size(trained, digits, tmp_path):
+    """The timed evaluation measures every model at each of ``latency_batches`` (the early exit
+    nearest to dynalay in FLOPs), aggregates over seeds, prints the table and draws the panel."""
+    tr, model, mlp, _ = trained
+    cfg = dataclasses.replace(tr.cfg, latency_batches=[1, 64], latency_repeats=1)
+    res = R.evaluate(model, mlp, digits, cfg)
+    lat = res["latency"]
+    ee = {p["threshold"]: p["flops_per_sample"] for p in res["early_exit"]}
+    dyf = res["models"]["dynalay"]["flops_per_sample"]
+    assert lat["early_exit_threshold"] == min(ee, key=lambda th: (abs(ee[th] - dyf), th))
+    assert [r["batch_size"] for r in lat["rows"]] == [1, 64]
+    for r in lat["rows"]:
+        assert set(r["wall_time_s"]) == set(R.LATENCY_MODELS)
+        assert all(v > 0 and math.isfinite(v) for v in r["wall_time_s"].values())
+        assert r["vs_static"]["static"] == 1.0
+        assert r["vs_static"]["dynalay"] == pytest.approx(r["wall_time_s"]["dynalay"] / r["wall_time_s"]["static"])
+    r2 = dict(res, seed=1, latency=dict(lat, rows=[dict(r, wall_time_s={k: 2 * v for k, v in r["wall_time_s"].items()})
+                                                   for r in lat["rows"]]))
+    rep = R.aggregate([dict(res, seed=0), r2])
+    a = rep["latency"][0]
+    assert a["batch_size"] == 1 and a["wall_time_s"]["mlp"] == pytest.approx(1.5 * lat["rows"][0]["wall_time_s"]["mlp"])
+    assert a["vs_static"]["dynalay"] == pytest.approx(lat["rows"][0]["vs_static"]["dynalay"])
+    text = R.format_table(rep)
+    assert "by batch size" in text and "\n1 " in text and "\n64 " in text
+    png = R.make_plot(rep, str(tmp_path / "p.png"), [res["per_sample_flops"]])
+    assert os.path.getsize(png) > 0
+    with pytest.raises(ValueError, match="different batch sizes"):
+        R.aggregate([dict(res, seed=0), dict(r2, latency=dict(lat, rows=lat["rows"][::-1]))])
+    assert "latency" not in R.evaluate(model, mlp, digits, dataclasses.replace(cfg, latency_batches=[]))
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(trained, digits):

@@ -16,7 +16,14 @@ Every number is measured on the test split at ``eval_batch`` (256) rows per batc
                                   "wall_time_s", "batch_size"}},
      "pareto": [{"knob", "accuracy", "flops_per_sample", "wall_time_s"}],
      "truncation": [{"budget", ...same fields}], "early_exit": [{"threshold", ...}],
-     "difficulty": {...}, "targets": {...}, ...}
+     "difficulty": {...}, "targets": {...},
+     "latency": [{"batch_size", "wall_time_s": {name: s}, "vs_static": {name: ratio}, ...}], ...}
+
+``latency`` (``TrainConfig.latency_batches``; not in ``--no-timing`` runs): the same wall time of
+the whole test split at other batch sizes, for ``dynalay`` at the default knob, ``static``, the
+``early_exit`` threshold nearest to dynalay in FLOPs, and ``mlp`` (median of ``latency_repeats``
+interleaved rounds each).  A dynamic network can save FLOPs and no time: at a small batch a
+solve's cost is its passes over the layer's weights, whatever the rows.
 
 Curves are compared at matched compute by linear interpolation of the baseline's upper envelope
 (best accuracy at no more FLOPs), the frontier that mixing its operating points achieves.
@@ -97,6 +104,26 @@ def _time_rounds(configs, xs, names, times, rng, repeats) -> None:
                 times[n].append(time.perf_counter() - t0)
 
 
+LATENCY_MODELS = ("dynalay", "static", "early_exit", "mlp")
+
+
+def nearest_exit_threshold(res: Dict[str, Dict[str, np.ndarray]], thresholds, flops: float) -> float:
+    """The early-exit threshold whose mean FLOPs per sample is nearest ``flops`` (FLOPs do not
+    depend on the batch size)."""
+    return min(thresholds, key=lambda th: (abs(float(res[f"early_exit:{th}"]["flops"].mean()) - flops), th))
+
+
+def latency_sweep(configs: Dict[str, Callable], x: torch.Tensor, batch_sizes, repeats: int,
+                  seed: int = 0) -> List[dict]:
+    """``time_configs`` at every batch size: [{"batch_size", "wall_time_s": {name: s},
+    "vs_static": {name: wall / static's}}]."""
+    out = []
+    for bs in batch_sizes:
+        w = time_configs(configs, x, int(bs), repeats, seed=seed)
+        out.append(dict(batch_size=int(bs), wall_time_s=w, vs_static={n: v / w["static"] for n, v in w.items()}))
+    return out
+
+
 def _entry(d: Dict[str, np.ndarray], wall: float, bs: int) -> dict:
     return dict(accuracy=float(d["correct"].mean()),
                 fpi_iters_per_sample=float(d["iters"].mean()) if "iters" in d else 0.0,
@@ -141,6 +168,13 @@ def evaluate(model: DynaLay, mlp: MLPBaseline, data, cfg, default_knob: Optional
             raise RuntimeError("internal error: the fused inference loop and the Python loop disagree")
         walls = time_configs(configs, x, bs, cfg.timing_repeats, seed=cfg.seed) if timing else \
             {n: float("nan") for n in configs}
+        latency = None
+        if timing and cfg.latency_batches:
+            th = nearest_exit_threshold(res, cfg.exit_thresholds, float(res["dynalay"]["flops"].mean()))
+            picked = dict(dynalay=configs["dynalay"], static=configs["static"],
+                          early_exit=configs[f"early_exit:{th}"], mlp=configs["mlp"])
+            latency = dict(early_exit_threshold=th,
+                           rows=latency_sweep(picked, x, cfg.latency_batches, cfg.latency_repeats, seed=cfg.seed))
     mlp_e = _entry(res["mlp"], walls["mlp"], bs)
     mlp_e["flops_per_sample"] = mlp.flops_per_sample()
     out = dict(
@@ -155,6 +189,8 @@ def evaluate(model: DynaLay, mlp: MLPBaseline, data, cfg, default_knob: Optional
         dispatch={"compact_wall_time_s": walls["dynalay"], "nop_action_wall_time_s": walls["dynalay_nop_action"]},
         default_knob=default_knob,
     )
+    if latency is not None:
+        out["latency"] = latency
     # harder inputs (static wrong / static low confidence) vs the rest: DynaLay's compute
     st, dy = res["static"], res["dynalay"]
     wrong = ~st["correct"].astype(bool)
@@ -314,16 +350,35 @@ def aggregate(seed_results: List[dict], meta: Optional[dict] = None) -> dict:
                                        math.sqrt(sum(r["margin_se"][i][k] ** 2 for r in seed_results)) / S)
                                    for k in ("vs_truncation_se", "vs_early_exit_se")}}
             for i, q in enumerate(r0["margin_se"])]
+    if all("latency" in r for r in seed_results):
+        rep["latency"] = aggregate_latency([r["latency"] for r in seed_results])
     rep["targets"] = targets(rep, rep["dataset"])
     rep["targets"]["harder_get_more"] = diff["harder_get_more_all_seeds"]
     rep["targets_per_seed"] = [targets(r, rep["dataset"]) for r in seed_results]
     rep["per_seed"] = [{k: r[k] for k in ("seed", "models", "pareto", "truncation", "early_exit", "difficulty",
-                                          "margin_se")
+                                          "margin_se", "latency")
                         if k in r} for r in seed_results]
     rep["machine"] = machine_info()
     if meta:
         rep.update(meta)
     return rep
+
+
+def aggregate_latency(per_seed: List[dict]) -> List[dict]:
+    """Per batch size: the mean (and ``*_std`` over seeds) of every model's wall time and of its
+    ratio to static's (each seed's ratio, then the mean)."""
+    out = []
+    for i, row in enumerate(per_seed[0]["rows"]):
+        rows = [p["rows"][i] for p in per_seed]
+        if any(r["batch_size"] != row["batch_size"] for r in rows):
+            raise ValueError("latency: the seeds were timed at different batch sizes")
+        e = dict(batch_size=row["batch_size"], early_exit_threshold=[p["early_exit_threshold"] for p in per_seed])
+        for key in ("wall_time_s", "vs_static"):
+            ms = {n: _mean_std([r[key][n] for r in rows]) for n in row[key]}
+            e[key] = {n: v[0] for n, v in ms.items()}
+            e[key + "_std"] = {n: v[1] for n, v in ms.items()}
+        out.append(e)
+    return out
 
 
 def machine_info() -> dict:
@@ -409,6 +464,27 @@ def format_table(rep: dict) -> str:
                      f"{_pm(d.get('flops_high_confidence'), None, 1e-6, '{:.3f}')})")
         if "digits_ge_96" in t:
             lines.append(f"digits >= 96%: {t['digits_ge_96']}")
+    if rep.get("latency"):
+        lines += ["", format_latency(rep)]
+    return "\n".join(lines)
+
+
+def format_latency(rep: dict) -> str:
+    """The wall time of the test split by batch size, and each model's ratio to static's."""
+    lat = rep["latency"]
+    ths = sorted(set(lat[0]["early_exit_threshold"]))
+    names = dict(dynalay=f"dynalay (lambda {rep.get('default_knob')})", static="static",
+                 early_exit="early_exit p>=" + "/".join(str(t) for t in ths), mlp="mlp")
+    n_test = (rep.get("difficulty") or {}).get("n_test")
+    head = "wall ms for the test split" + (f" ({n_test:.0f} samples)" if n_test else "")
+    rows = [("batch",) + tuple(names[n] for n in LATENCY_MODELS)]
+    for e in lat:
+        rows.append((str(e["batch_size"]),) + tuple(
+            f"{e['wall_time_s'][n] * 1e3:.1f} ({e['vs_static'][n]:.2f}x)" for n in LATENCY_MODELS))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"{head} by batch size (x static; median of interleaved rounds, mean over seeds):"]
+    lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    lines.insert(2, "  ".join("-" * x for x in w))
     return "\n".join(lines)
 
 
@@ -417,7 +493,8 @@ def make_plot(rep: dict, path: str, per_sample: Optional[List[dict]] = None) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    lat = rep.get("latency")
+    fig, axes = plt.subplots(1, 4 if lat else 3, figsize=(22 if lat else 17, 5))
     m = rep["models"]
     for ax, key, scale, xlabel in ((axes[0], "flops_per_sample", 1e-6, "MFLOPs / sample"),
                                    (axes[1], "wall_time_s", 1e3, f"wall ms for the test split (batch "
@@ -453,6 +530,21 @@ def make_plot(rep: dict, path: str, per_sample: Optional[List[dict]] = None) -> 
     ax.set_title("compute per test sample; static-wrong "
                  f"{(d.get('flops_static_wrong') or 0) * 1e-6:.3f} vs right "
                  f"{(d.get('flops_static_right') or 0) * 1e-6:.3f} MFLOPs", fontsize=9)
+    if lat:
+        ax = axes[3]
+        bss = [e["batch_size"] for e in lat]
+        for n, mk in (("dynalay", "o-"), ("early_exit", "^--"), ("mlp", "P:")):
+            ax.errorbar(bss, [e["vs_static"][n] for e in lat], yerr=[e["vs_static_std"][n] or 0 for e in lat],
+                        fmt=mk, capsize=2, label=n)
+        fr = m["dynalay"]["flops_per_sample"] / m["static"]["flops_per_sample"]
+        ax.axhline(fr, color="gray", ls="--", lw=1, label=f"dynalay FLOPs / static ({fr:.2f})")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("wall time / static's")
+        ax.set_title("wall time vs static by batch size")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -130,6 +130,10 @@ class TrainConfig:
     exit_thresholds: List[float] = field(default_factory=lambda: [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
                                                                   0.95, 0.99, 1.01])
     timing_repeats: int = 15
+    # wall time of the test split at other batch sizes (dynalay, static, the early exit nearest in
+    # FLOPs, mlp): dynamic networks often save FLOPs but not time at small batches.  () skips it.
+    latency_batches: List[int] = field(default_factory=lambda: [1, 8, 32, 128, 256, 1024])
+    latency_repeats: int = 5
     ckpt_every: int = 5
 
     def to_dict(self) -> dict:
@@ -179,6 +183,8 @@ class TrainConfig:
             raise ValueError("mix_prob must be in [0, 1]")
         if len(self.knobs) < 1:
             raise ValueError("knobs needs at least one value")
+        if any(int(b) < 1 for b in self.latency_batches) or self.latency_repeats < 1:
+            raise ValueError("latency_batches must be batch sizes >= 1 and latency_repeats >= 1")
         self.reward.validate()
         return self
 
