@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="digits", hidden=64, warmup_epochs=15, agent_epochs=10, joint_epochs=2, mlp_epochs=10,
             timing_repeats=1, knobs=[0.05, 0.15, 0.5], exit_thresholds=[0.0, 0.6, 0.9, 1.01], ckpt_every=2)
 TINY_FLAGS = ["--dataset", "digits", "--hidden", "64", "--warmup-epochs", "15", "--agent-epochs", "10",
-              "--joint-epochs", "2", "--mlp-epochs", "10", "--timing-repeats", "1", "--no-progress"]
+              "--joint-epochs", "2", "--mlp-epochs", "10", "--timing-repeats", "1", "--latency-batches", "1", "16",
+              "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +242,7 @@ def _check_report(rep):
         assert rep[curve] and all({key, "accuracy", "flops_per_sample", "wall_time_s"} <= set(p)
                                   for p in rep[curve])
     assert isinstance(rep["difficulty"], dict)
+    assert [e["batch_size"] for e in rep["latency"]] == [1, 16]  # TINY_FLAGS' --latency-batches
 
 
 def test_cli_train_then_eval_reproduces(tmp_path):
@@ -260,6 +262,12 @@ def test_cli_train_then_eval_reproduces(tmp_path):
     for name in ("dynalay", "static", "mlp"):
         assert rep2["models"][name]["accuracy"] == rep["models"][name]["accuracy"]
         assert rep2["models"][name]["flops_per_sample"] == rep["models"][name]["flops_per_sample"]
+    r2b = subprocess.run([sys.executable, "-m", "dynalay", "eval", "--checkpoint", str(out), "--out",
+                          str(tmp_path / "ev"), "--timing-repeats", "1", "--latency-batches", "32"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r2b.returncode == 0, r2b.stderr[-3000:]
+    assert [e["batch_size"] for e in json.loads((tmp_path / "ev" / "report.json").read_text())["latency"]] == [32]
+    assert "by batch size" in r2b.stdout
     # refusing to overwrite, and a clear error for a corrupt checkpoint
     r3 = subprocess.run([sys.executable, "-m", "dynalay", "train", "--seeds", "1", "--out", str(out)] + TINY_FLAGS,
                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)

@@ -47,6 +47,8 @@ def add_commands(sub) -> None:
                    help=f"default compute price lambda at inference, reported as 'dynalay' "
                         f"(default {TrainConfig.knob})")
     t.add_argument("--timing-repeats", type=int, default=None)
+    t.add_argument("--latency-batches", type=int, nargs="*", default=None, metavar="B",
+                   help="batch sizes of the wall-time sweep (default 1 8 32 128 256 1024; none: skip it)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: available CPUs / ranks)")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--config", default=None, help="JSON file of TrainConfig fields (overridden by flags)")
@@ -57,6 +59,8 @@ def add_commands(sub) -> None:
     e.add_argument("--out", default=None, help="where to write report.json and the plot (default: next to it)")
     e.add_argument("--knob", type=float, default=None, help="default lambda (default: the run's)")
     e.add_argument("--timing-repeats", type=int, default=None)
+    e.add_argument("--latency-batches", type=int, nargs="*", default=None, metavar="B",
+                   help="batch sizes of the wall-time sweep (default: the run's; none: skip it)")
     e.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
     e.add_argument("--threads", type=int, default=None)
     e.set_defaults(fn=cmd_eval)
@@ -81,7 +85,8 @@ def _build_config(args):
     cfg.mlp_epochs = ep(args.mlp_epochs, cfg.mlp_epochs)
     for flag, name in (("hidden", "hidden"), ("layers", "num_layers"), ("steps", "max_steps"),
                        ("max_iter", "max_iter"), ("tol", "tol"), ("lr", "lr"), ("baseline", "baseline"),
-                       ("agent_method", "agent_method"), ("timing_repeats", "timing_repeats")):
+                       ("agent_method", "agent_method"), ("timing_repeats", "timing_repeats"),
+                       ("latency_batches", "latency_batches")):
         v = getattr(args, flag)
         if v is not None:
             setattr(cfg, name, v)
@@ -274,6 +279,13 @@ def cmd_eval(args) -> int:
                   file=sys.stderr)
         if args.timing_repeats is not None:
             cfg.timing_repeats = args.timing_repeats
+        if args.latency_batches is not None:
+            cfg.latency_batches = list(args.latency_batches)
+        try:
+            cfg.validate()
+        except ValueError as e:
+            print(f"dynalay eval: bad configuration: {e}", file=sys.stderr)
+            return 2
         res = R.evaluate(model, mlp, data, cfg, default_knob=knob, timing=not args.no_timing)
         res["seed"] = cfg.seed
         results.append(res)
