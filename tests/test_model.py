@@ -190,3 +190,33 @@ def test_mlp_baseline_size():
     n = sum(p.numel() for p in m.parameters())
     assert abs(n - 100_000) / 100_000 < 0.02
     assert m.flops_per_sample() > 0 and math.isfinite(m.flops_per_sample())
+
+
+def test_static_tables_and_fused_weights_follow_the_model():
+    """static_actions' per-(steps, device) row cache and the fused path's direct parameter reads
+    give what the attribute path gives, also after a returned table is written to and after a
+    submodule is replaced."""
+    m = _model(2, agent_state_dim=3)
+    T, L = m.cfg.max_steps, m.cfg.num_layers
+    for k in range(T + 1):
+        want = torch.tensor([[t % L if t < k else L for t in range(T)]] * 3)
+        a = m.static_actions(3, steps=k if k < T else None)
+        assert torch.equal(a, want)
+        a.fill_(0)  # a copy: the cached row is untouched
+        assert torch.equal(m.static_actions(3, steps=k if k < T else None), want)
+    with pytest.raises(ValueError, match="steps"):
+        m.static_actions(2, steps=T + 1)
+    pol = m.policy
+    attr = [pol.inp.weight, pol.inp.bias, pol.step_emb, pol.out.weight, pol.out.bias, pol.step_bias,
+            pol.proj.weight, pol.proj.bias]
+    assert all(p is q for p, q in zip(m._agent_weights(), attr, strict=True))
+    m.eval()
+    x = torch.randn(5, m.cfg.in_features)
+    with torch.no_grad():
+        ref = m.run(x, fused=False).logits
+        torch.testing.assert_close(m.run(x, fused=True).logits, ref)
+        m.head[1] = torch.nn.Linear(m.cfg.hidden, m.cfg.num_classes)  # a new head: the fused path reads it
+        torch.testing.assert_close(m.run(x, fused=True).logits, m.run(x, fused=False).logits)
+        assert not torch.allclose(m.run(x, fused=True).logits, ref)
+    m0 = _model(3)
+    assert len(m0._agent_weights()) == 6  # no state projection

@@ -317,6 +317,7 @@ class DynaLay(nn.Module):
                                    backend=cfg.backend)
         self.head = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, cfg.num_classes))
         self.policy = Policy(cfg)
+        self._static_rows: Dict[tuple, Tensor] = {}  # static_actions' row per (steps, device)
         # learned baseline for REINFORCE (training only: never run, never charged at inference)
         self.value = nn.Sequential(nn.Linear(cfg.feature_dim + T, cfg.agent_hidden), nn.Tanh(),
                                    nn.Linear(cfg.agent_hidden, 1))
@@ -360,8 +361,11 @@ class DynaLay(nn.Module):
         k = T if steps is None else int(steps)
         if not 0 <= k <= T:
             raise ValueError(f"steps must be in [0, {T}] (got {steps})")
-        row = torch.tensor(self.static_order(T), dtype=torch.int64, device=device)
-        row[k:] = self.nop
+        key = (k, torch.device("cpu") if device is None else torch.device(device))
+        row = self._static_rows.get(key)
+        if row is None:  # built once per (steps, device): a batch-1 call is ~100 us in all
+            row = torch.tensor(self.static_order(T)[:k] + [self.nop] * (T - k), dtype=torch.int64, device=key[1])
+            self._static_rows[key] = row
         return row.expand(B, T).clone()
 
     @torch.no_grad()
@@ -708,10 +712,10 @@ class DynaLay(nn.Module):
             return "sampled policy, hard budget or compact=False"
         if isinstance(lam, Tensor):
             return "lam is a tensor"
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or \
-                self.pool.U.dtype != x.dtype:
+        U = self._modules["pool"]._parameters["U"]
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or U.dtype != x.dtype:
             return "needs float32/float64 CPU tensors of the model's dtype"
-        if tracing(x, self.pool.U):
+        if tracing(x, U):
             return "tracing (torch.compile or a dispatch mode)"
         if backends.select(x.device, x.dtype, ("picard",), self.cfg.backend) != "cpp":
             return "the selected backend is not cpp"
@@ -719,25 +723,33 @@ class DynaLay(nn.Module):
 
     def _agent_weights(self) -> List[Tensor]:
         """The policy's weights in the order of the C++ kernels (agent_decide takes the first 6)."""
-        pol = self.policy
-        w = [pol.inp.weight, pol.inp.bias, pol.step_emb, pol.out.weight, pol.out.bias, pol.step_bias]
-        if pol.proj is not None:
-            w += [pol.proj.weight, pol.proj.bias]
+        pol = self._modules["policy"]
+        mods, ps = pol._modules, pol._parameters
+        inp, out = mods["inp"]._parameters, mods["out"]._parameters
+        w = [inp["weight"], inp["bias"], ps["step_emb"], out["weight"], out["bias"], ps["step_bias"]]
+        proj = mods.get("proj")  # absent (an attribute set to None) without agent_state_dim
+        if proj is not None:
+            w += [proj._parameters["weight"], proj._parameters["bias"]]
         return w
 
     def _run_fused(self, x, policy, lam, nop_bias, forced, exit_threshold, W, details) -> DynaLayOutput:
         cfg, cost = self.cfg, self.costs
+        # registered parameters read from the modules' dicts (this and _agent_weights): on a batch of
+        # one row, nn.Module's __getattr__ for the ~20 lookups was ~15% of the call
+        mods = self._modules
+        pool, head = mods["pool"], mods["head"]._modules
+        enc, ln, head_lin = mods["encoder"]._parameters, head["0"], head["1"]._parameters
         if W is None:
-            W = self.pool.effective_weight()
-        ln, head_lin, enc = self.head[0], self.head[1], self.encoder
+            W = pool.effective_weight()
         agent, lam_feature = [], 0.0
         if policy != "forced":
             agent = self._agent_weights()
             lam_feature = cfg.lam_feature(lam)
         from ..backends import cpp as cpp_backend
         logits, flops, layers, iters, actions, step_iters, rps = cpp_backend.run_model(
-            x, enc.weight, enc.bias, self.pool.U, W, self.pool.b, _solve_args(cfg.tol, cfg.max_iter), ln.weight,
-            ln.bias, ln.eps, head_lin.weight, head_lin.bias, agent, float(nop_bias), lam_feature,
+            x, enc["weight"], enc["bias"], pool._parameters["U"], W, pool._parameters["b"],
+            _solve_args(cfg.tol, cfg.max_iter), ln._parameters["weight"], ln._parameters["bias"], ln.eps,
+            head_lin["weight"], head_lin["bias"], agent, float(nop_bias), lam_feature,
             forced if policy == "forced" else None, None if exit_threshold is None else float(exit_threshold),
             cfg.max_steps, cost.constants, cfg.conf_mode)
         rows_per_step = [v for v in rps.tolist() if v > 0]
