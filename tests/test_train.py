@@ -64,25 +64,28 @@ def test_wall_time_by_batch_size(trained, digits, tmp_path):
     lat = res["latency"]
     ee = {p["threshold"]: p["flops_per_sample"] for p in res["early_exit"]}
     dyf = res["models"]["dynalay"]["flops_per_sample"]
-    assert lat["early_exit_threshold"] == min(ee, key=lambda th: (abs(ee[th] - dyf), th))
-    assert [r["batch_size"] for r in lat["rows"]] == [1, 64]
-    for r in lat["rows"]:
+    assert [r["batch_size"] for r in lat] == [1, 64]
+    for r in lat:
+        assert r["early_exit_threshold"] == min(ee, key=lambda th: (abs(ee[th] - dyf), th))
         assert set(r["wall_time_s"]) == set(R.LATENCY_MODELS)
         assert all(v > 0 and math.isfinite(v) for v in r["wall_time_s"].values())
         assert r["vs_static"]["static"] == 1.0
         assert r["vs_static"]["dynalay"] == pytest.approx(r["wall_time_s"]["dynalay"] / r["wall_time_s"]["static"])
-    r2 = dict(res, seed=1, latency=dict(lat, rows=[dict(r, wall_time_s={k: 2 * v for k, v in r["wall_time_s"].items()})
-                                                   for r in lat["rows"]]))
+    r2 = dict(res, seed=1, latency=[dict(r, wall_time_s={k: 2 * v for k, v in r["wall_time_s"].items()})
+                                    for r in lat])
     rep = R.aggregate([dict(res, seed=0), r2])
     a = rep["latency"][0]
-    assert a["batch_size"] == 1 and a["wall_time_s"]["mlp"] == pytest.approx(1.5 * lat["rows"][0]["wall_time_s"]["mlp"])
-    assert a["vs_static"]["dynalay"] == pytest.approx(lat["rows"][0]["vs_static"]["dynalay"])
+    assert a["batch_size"] == 1 and a["wall_time_s"]["mlp"] == pytest.approx(1.5 * lat[0]["wall_time_s"]["mlp"])
+    assert a["vs_static"]["dynalay"] == pytest.approx(lat[0]["vs_static"]["dynalay"])
+    assert a["early_exit_threshold"] == [lat[0]["early_exit_threshold"]] * 2
     text = R.format_table(rep)
     assert "by batch size" in text and "\n1 " in text and "\n64 " in text
     png = R.make_plot(rep, str(tmp_path / "p.png"), [res["per_sample_flops"]])
     assert os.path.getsize(png) > 0
     with pytest.raises(ValueError, match="different batch sizes"):
-        R.aggregate([dict(res, seed=0), dict(r2, latency=dict(lat, rows=lat["rows"][::-1]))])
+        R.aggregate([dict(res, seed=0), dict(r2, latency=lat[::-1])])
+    with pytest.raises(ValueError, match="different batch sizes"):
+        R.aggregate([dict(res, seed=0), dict(r2, latency=lat[:1])])
     assert "latency" not in R.evaluate(model, mlp, digits, dataclasses.replace(cfg, latency_batches=[]))
 
 

@@ -17,7 +17,8 @@ Every number is measured on the test split at ``eval_batch`` (256) rows per batc
      "pareto": [{"knob", "accuracy", "flops_per_sample", "wall_time_s"}],
      "truncation": [{"budget", ...same fields}], "early_exit": [{"threshold", ...}],
      "difficulty": {...}, "targets": {...},
-     "latency": [{"batch_size", "wall_time_s": {name: s}, "vs_static": {name: ratio}, ...}], ...}
+     "latency": [{"batch_size", "early_exit_threshold", "wall_time_s": {name: s},
+                  "vs_static": {name: ratio}, ...}], ...}
 
 ``latency`` (``TrainConfig.latency_batches``; not in ``--no-timing`` runs): the same wall time of
 the whole test split at other batch sizes, for ``dynalay`` at the default knob, ``static``, the
@@ -173,8 +174,8 @@ def evaluate(model: DynaLay, mlp: MLPBaseline, data, cfg, default_knob: Optional
             th = nearest_exit_threshold(res, cfg.exit_thresholds, float(res["dynalay"]["flops"].mean()))
             picked = dict(dynalay=configs["dynalay"], static=configs["static"],
                           early_exit=configs[f"early_exit:{th}"], mlp=configs["mlp"])
-            latency = dict(early_exit_threshold=th,
-                           rows=latency_sweep(picked, x, cfg.latency_batches, cfg.latency_repeats, seed=cfg.seed))
+            latency = [dict(r, early_exit_threshold=th)
+                       for r in latency_sweep(picked, x, cfg.latency_batches, cfg.latency_repeats, seed=cfg.seed)]
     mlp_e = _entry(res["mlp"], walls["mlp"], bs)
     mlp_e["flops_per_sample"] = mlp.flops_per_sample()
     out = dict(
@@ -364,15 +365,15 @@ def aggregate(seed_results: List[dict], meta: Optional[dict] = None) -> dict:
     return rep
 
 
-def aggregate_latency(per_seed: List[dict]) -> List[dict]:
+def aggregate_latency(per_seed: List[List[dict]]) -> List[dict]:
     """Per batch size: the mean (and ``*_std`` over seeds) of every model's wall time and of its
-    ratio to static's (each seed's ratio, then the mean)."""
+    ratio to static's (each seed's ratio, then the mean); the seeds' early-exit thresholds."""
     out = []
-    for i, row in enumerate(per_seed[0]["rows"]):
-        rows = [p["rows"][i] for p in per_seed]
-        if any(r["batch_size"] != row["batch_size"] for r in rows):
+    for i, row in enumerate(per_seed[0]):
+        rows = [p[i] for p in per_seed]
+        if any(len(p) != len(per_seed[0]) or r["batch_size"] != row["batch_size"] for p, r in zip(per_seed, rows)):
             raise ValueError("latency: the seeds were timed at different batch sizes")
-        e = dict(batch_size=row["batch_size"], early_exit_threshold=[p["early_exit_threshold"] for p in per_seed])
+        e = dict(batch_size=row["batch_size"], early_exit_threshold=[r["early_exit_threshold"] for r in rows])
         for key in ("wall_time_s", "vs_static"):
             ms = {n: _mean_std([r[key][n] for r in rows]) for n in row[key]}
             e[key] = {n: v[0] for n, v in ms.items()}
