@@ -83,6 +83,20 @@ def _(z, g, W, actions, tol, max_iter, solver, damping, anderson_m, anderson_lam
             z.new_empty(B, dtype=torch.bool))
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "dynalay: gradients of gradients through fixed_point / dynamic_step are not supported: the adjoint "
+        "solve (fixed_point_adjoint) and the per-layer weight-gradient reduction (grouped_wgrad) of their "
+        "backward have no derivative of their own. Where they are needed, differentiate an unrolled solve "
+        "written with torch ops")
+
+
+# The helper ops run only inside backward formulas.  With create_graph=True autograd records them;
+# differentiating that graph again reaches this backward (instead of torch's "no autograd formula
+# was registered" message).
+_fixed_point_adjoint_op.register_autograd(_no_double_backward)
+
+
 # --------------------------------------------------------------------------------------------
 # dynalay::grouped_wgrad
 # --------------------------------------------------------------------------------------------
@@ -99,6 +113,9 @@ _grouped_wgrad_op, grouped_wgrad = _register("grouped_wgrad", _grouped_wgrad_imp
 def _(u, x, actions, num_layers, backend):
     torch._check(u.dim() == 2 and x.dim() == 2)
     return u.new_empty(num_layers, u.shape[1], x.shape[1], dtype=compute_dtype(u.dtype))
+
+
+_grouped_wgrad_op.register_autograd(_no_double_backward)
 
 
 # --------------------------------------------------------------------------------------------
