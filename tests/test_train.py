@@ -406,3 +406,17 @@ def test_envelope_and_its_paired_standard_error():
         assert R.envelope_paired_se(dyn, f, pts, cs) == pytest.approx(d.std(ddof=1) / np.sqrt(n), rel=1e-12)
     assert R.envelope_paired_se(dyn, 0.5, pts, cs) is None and R.envelope_interp(pts, 5.0) is None
     assert R.envelope_paired_se(cs[1], 2.0, pts, cs) == 0.0  # the curve's own point: no difference
+
+
+def test_config_from_dict_names_unknown_fields():
+    """A config (or a checkpoint's) with a field this dynalay does not know fails with the field's
+    name, for the train, reward and model configs alike; missing fields take their defaults."""
+    from dynalay.models import DynaLayConfig
+    for bad, cls in (({"bogus": 1}, "TrainConfig"), ({"reward": {"lam": 0.1, "bogus": 1}}, "RewardConfig")):
+        with pytest.raises(ValueError, match=f"unknown {cls} field.*bogus"):
+            TrainConfig.from_dict(bad)
+    with pytest.raises(ValueError, match="unknown DynaLayConfig field.*bogus"):
+        DynaLayConfig.from_dict(dict(in_features=3, num_classes=2, bogus=1))
+    c = TrainConfig.from_dict({"reward": {"lam": 0.1}, "hidden": 32})
+    assert c.reward.lam == 0.1 and c.hidden == 32 and c.lr == TrainConfig().lr
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()

@@ -55,6 +55,15 @@ __all__ = ["DynaLayConfig", "DynaLay", "DynaLayOutput", "CostModel", "Policy", "
            "head_stats", "relative_change", "advance_history_"]
 
 
+def config_from_dict(cls, d: dict):
+    """``cls(**d)`` for a config dataclass, with a ``ValueError`` naming any field ``cls`` does not
+    have (fields ``d`` lacks take their defaults: older checkpoints load)."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}")
+    return cls(**d)
+
+
 @dataclass
 class DynaLayConfig:
     """Architecture and solver settings (everything needed to rebuild the module)."""
@@ -85,11 +94,7 @@ class DynaLayConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DynaLayConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown DynaLayConfig field(s) {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     def validate(self) -> "DynaLayConfig":
         for k in ("in_features", "num_classes", "hidden", "num_layers", "max_steps", "max_iter",

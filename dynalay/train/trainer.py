@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models import DynaLay, DynaLayConfig, MLPBaseline, mlp_hidden_for_params
-from ..models.dynalay import Policy
+from ..models.dynalay import Policy, config_from_dict
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataBundle
 from .reward import RewardConfig, compute_rewards
@@ -143,14 +143,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}")
         d = dict(d)
         if isinstance(d.get("reward"), dict):
-            d["reward"] = RewardConfig(**d["reward"])
-        return cls(**d)
+            d["reward"] = config_from_dict(RewardConfig, d["reward"])
+        return config_from_dict(cls, d)
 
     def model_config(self, data: DataBundle) -> DynaLayConfig:
         return DynaLayConfig(in_features=data.in_features, num_classes=data.num_classes, hidden=self.hidden,
