@@ -463,7 +463,11 @@ cudaError_t run_kernel(void (*kernel)(DynalayFpSolveParams), const DynalayFpSolv
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
   if (dyn_bytes + attr.sharedSizeBytes > static_cast<size_t>(smem_optin)) return cudaErrorInvalidConfiguration;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn_bytes));
+  // The limit is the largest the device allows, the same value on every call: setting this
+  // launch's own size instead would let another host thread, launching the same kernel for a
+  // larger H, see the limit shrink between its set and its launch.
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             smem_optin - static_cast<int>(attr.sharedSizeBytes));
   if (err != cudaSuccess) return err;
   const int64_t grid = p.tile_layer != nullptr ? static_cast<int64_t>(p.num_tiles) : (p.B + BM - 1) / BM;
   if (grid <= 0) return cudaSuccess;

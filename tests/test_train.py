@@ -197,12 +197,20 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_training_without_a_checkpoint(tmp_path):
     data = load_data("digits", 0.2)
-    data.fit.x[3, 5] = float("nan")
     run = tmp_path / "nan"
     tr = Trainer(TrainConfig(**dict(TINY, mlp_epochs=0)), data, str(run), progress=False)
+    with torch.no_grad():
+        tr.model.encoder.weight[0, 0] = float("nan")  # the loss of the first step is NaN
     with pytest.raises(TrainingDiverged, match="nan"):
         tr.fit()
     assert not (run / "checkpoint.pt").exists()
+
+
+def test_non_finite_data_is_rejected_before_training(tmp_path):
+    data = load_data("digits", 0.2)
+    data.val.x[3, 5] = float("inf")
+    with pytest.raises(ValueError, match="val split contains NaN or Inf"):
+        Trainer(TrainConfig(**dict(TINY, mlp_epochs=0)), data, str(tmp_path / "r"), progress=False)
 
 
 @pytest.mark.parametrize("stop_at,position", [(8, (2, 1)), (14, (4, 1))])  # in the agent / refit phase

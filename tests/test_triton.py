@@ -169,10 +169,12 @@ def test_routing_is_reused_within_a_step_and_recomputed_after_an_in_place_change
 
 
 @pytest.mark.parametrize("B,L,BM", [(1, 1, 16), (17, 3, 16), (1024, 4, 16), (1025, 4, 32), (3000, 7, 64),
-                                    (2500, 8, 16)])
+                                    (2500, 8, 16), (9000, 100, 32), (600, 300, 16)])
 def test_route_kernels_match_route_impl(B, L, BM, gen):
     """The two-launch Triton routing equals the sort-based reference (uniform, skewed, all-NOP and
-    all-on-one-layer actions, chunk boundaries, L+1 not a power of two and a power of two)."""
+    all-on-one-layer actions, chunk boundaries, L+1 not a power of two and a power of two, more
+    than 64 chunks (9000 rows in chunks of 128 for L = 100), and L = 300, past the kernels' limit,
+    where route_impl runs)."""
     from dynalay.backends import triton as tb
     from dynalay.ops.dispatch import route_impl
     cases = [torch.randint(0, L + 1, (B,), generator=gen),

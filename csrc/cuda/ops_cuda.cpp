@@ -403,8 +403,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_cuda(
   const int bm = solve_block_m(H);
   c10::cuda::CUDAGuard guard(dev);
   const at::Tensor a = checked_actions(actions, B, dev);
-  SolveArgs s(common_storage({h_in.scalar_type(), U_in.scalar_type(), W_in.scalar_type(), b_in.scalar_type()}), tol,
-              max_iter, damping, eps);
+  // The whole step in float32, whatever the inputs' storage: inj = h U^T + b is an intermediate,
+  // and the solve reads c in its storage type, so a 16-bit step would round inj before the
+  // solve (torch, cpp and Triton keep it in float32).  Only z is rounded, once, on the way out.
+  SolveArgs s(at::kFloat, tol, max_iter, damping, eps);
   const at::Tensor h = h_in.to(s.st).contiguous();
   const at::Tensor U = U_in.to(s.st).contiguous();
   const at::Tensor b = b_in.to(s.st).contiguous();

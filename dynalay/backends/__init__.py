@@ -122,6 +122,9 @@ _cache: Dict[tuple, str] = {}
 
 def requested_backend(backend: Optional[str] = None) -> str:
     name = backend if backend is not None else os.environ.get("DYNALAY_BACKEND", "auto")
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str: one of {', '.join(NAMES)} or 'auto' (got {type(name).__name__} "
+                        f"{name!r})")
     name = name.strip().lower()
     if name not in NAMES + ("auto",):
         raise ValueError(f"backend must be one of {', '.join(NAMES)} or 'auto' (got {name!r}; "

@@ -56,10 +56,11 @@ def _anderson_mix(X: Tensor, G: Tensor, count: Tensor, slot: int, lam: float, da
     reg = lam * scale + 1e-300
     eye = torch.eye(m, dtype=torch.float64, device=X.device)
     A = gram + eye * torch.where(valid, reg[:, None], torch.ones_like(reg)[:, None])[:, None, :]
-    y = torch.linalg.solve(A, vd)
+    # solve_ex: a singular system (lam = 0 with collinear residuals) marks the row, never raises
+    y, info = torch.linalg.solve_ex(A, vd)
     s = y.sum(1)
     alpha = y / s[:, None]
-    ok = torch.isfinite(alpha).all(1) & (s.abs() > 0)
+    ok = torch.isfinite(alpha).all(1) & (s.abs() > 0) & (info == 0)
     alpha = torch.where(ok[:, None], alpha, torch.zeros_like(alpha)).to(X.dtype)
     if damping == 1.0:
         comb = X + G
@@ -75,14 +76,14 @@ def _solve_rows(c: Tensor, M: Tensor, d: Optional[Tensor], z0: Optional[Tensor],
     """Solve one group: the map uses ``z @ M`` (M = W.T forward, W adjoint)."""
     n, H = c.shape
     dev, dt = c.device, c.dtype
-    out = torch.empty_like(c)
+    out = torch.empty(n, H, dtype=dt, device=dev)  # contiguous whatever c's strides (the fake kernels' layout)
     iters = torch.zeros(n, dtype=torch.int32, device=dev)
     res = torch.zeros(n, dtype=dt, device=dev)
     conv = torch.zeros(n, dtype=torch.bool, device=dev)
     if n == 0:
         return out, iters, res, conv
     idx = torch.arange(n, device=dev)
-    z = torch.zeros_like(c) if z0 is None else z0.clone()
+    z = torch.zeros(n, H, dtype=dt, device=dev) if z0 is None else z0.clone(memory_format=torch.contiguous_format)
     ca, da = c, d
     anderson = solver == "anderson"
     if anderson:
@@ -143,7 +144,8 @@ def fp_solve(c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor
     if actions is None:
         M = W[0] if adjoint else W[0].t()
         return _solve_rows(c, M, d, z0, adjoint, tol, max_iter, solver, damping, m, lam, eps)
-    z = torch.zeros_like(c) if z0 is None else z0.clone()
+    z = (torch.zeros(B, H, dtype=c.dtype, device=c.device) if z0 is None
+         else z0.clone(memory_format=torch.contiguous_format))
     iters = torch.zeros(B, dtype=torch.int32, device=c.device)
     res = torch.zeros(B, dtype=c.dtype, device=c.device)
     conv = actions == L

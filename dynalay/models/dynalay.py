@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import weakref
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, NamedTuple, Optional
 
@@ -48,7 +49,7 @@ from torch import Tensor, nn
 
 from .. import _ext, backends
 from ..nn.dynamic import DynamicFPIStep
-from ..ops._common import SolverConfig, tracing
+from ..ops._common import SolverConfig, _is_real, check_finite, tracing
 from ..ops.dispatch import dynamic_step
 
 __all__ = ["DynaLayConfig", "DynaLay", "DynaLayOutput", "CostModel", "Policy", "MLPBaseline", "mlp_hidden_for_params",
@@ -308,6 +309,22 @@ class Policy(nn.Module):
         return self.out(torch.tanh(self.inp(f) + self.step_emb[t])) + self.step_bias[t]
 
 
+def _check_knobs(lam, nop_bias, budget, exit_threshold) -> None:
+    """The inference knobs of ``DynaLay.run``: a clear error naming the bad one."""
+    if lam is not None:
+        if isinstance(lam, Tensor):
+            if lam.numel() and not tracing(lam) and not bool(torch.isfinite(lam).all() & (lam >= 0).all()):
+                raise ValueError("lam must hold finite values >= 0 (got NaN, Inf or a negative value)")
+        elif not _is_real(lam) or not (0 <= lam < math.inf):
+            raise ValueError(f"lam must be a finite number >= 0 or a (B,) tensor (got {lam!r})")
+    if not _is_real(nop_bias) or nop_bias != nop_bias:
+        raise ValueError(f"nop_bias must be a number (+-inf allowed), not NaN (got {nop_bias!r})")
+    if budget is not None and (not _is_real(budget) or not (0 < budget < math.inf)):
+        raise ValueError(f"budget must be None or a finite number of FLOPs per sample > 0 (got {budget!r})")
+    if exit_threshold is not None and (not _is_real(exit_threshold) or exit_threshold != exit_threshold):
+        raise ValueError(f"exit_threshold must be None or a number, not NaN (got {exit_threshold!r})")
+
+
 class DynaLay(nn.Module):
     """See the module docstring.  ``forward(x, nop_bias=0., budget=None)`` returns greedy logits;
     ``run(...)`` returns a :class:`DynaLayOutput` with per-sample compute."""
@@ -455,6 +472,8 @@ class DynaLay(nn.Module):
         """
         cfg, cost = self.cfg, self.costs
         L, T, C = cfg.num_layers, cfg.max_steps, cfg.num_classes
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point torch.Tensor (got {getattr(x, 'dtype', type(x).__name__)})")
         if x.dim() != 2 or x.shape[1] != cfg.in_features:
             raise ValueError(f"x must have shape (B, {cfg.in_features}) (got {tuple(x.shape)})")
         B, dev = x.shape[0], x.device
@@ -471,7 +490,52 @@ class DynaLay(nn.Module):
                 raise ValueError(f"policy='forced' needs forced of shape ({B}, {T})")
             if budget is not None:
                 raise ValueError("budget applies to the agent's policy, not to a forced action table")
-        details = details or record
+            if forced.dtype != torch.int64 or forced.device != dev:
+                raise ValueError(f"forced must be a ({B}, {T}) int64 table on {dev} (got {forced.dtype} on "
+                                 f"{forced.device})")
+            if nop_bias:
+                raise ValueError("nop_bias applies to the agent's policy, not to a forced action table")
+        _check_knobs(lam, nop_bias, budget, exit_threshold)
+        check_finite("warn", x=x)
+        if W is not None:
+            self._check_weight(W)
+        out = self._run(x, policy, lam, nop_bias, budget, forced, exit_threshold, compact, generator, W,
+                        details or record, record, fused)
+        # inference: one small read for NaN/Inf from W or the parameters (in training a non-finite
+        # loss stops the run on every rank: TrainingDiverged)
+        if not record and not torch.is_grad_enabled() and not tracing(out.logits):
+            try:
+                check_finite("warn", logits=out.logits)
+            except ValueError:
+                self._raise_non_finite(W)
+                raise
+        return out
+
+    def _check_weight(self, W: Tensor) -> None:
+        """NaN/Inf in a passed ``W`` (an Inf can saturate tanh into finite, wrong logits).  The
+        evaluation passes the same tensor for every batch: it is scanned once per version."""
+        version = None if W.is_inference() else W._version  # inference tensors keep no version counter
+        seen = self.__dict__.get("_w_checked")
+        if seen is not None and seen[0]() is W and seen[1] == version:
+            return
+        if not tracing(W):
+            check_finite("warn", W=W)
+            self.__dict__["_w_checked"] = (weakref.ref(W), version)
+
+    def _raise_non_finite(self, W: Optional[Tensor]) -> None:
+        """Name the input that made the logits non-finite (x is checked before the run)."""
+        if W is not None:
+            check_finite("warn", W=W)
+        for name, p in self.named_parameters():
+            check_finite("warn", **{f"parameter {name}": p.detach()})
+
+    def _run(self, x: Tensor, policy: str, lam, nop_bias: float, budget: Optional[float], forced: Optional[Tensor],
+             exit_threshold: Optional[float], compact: bool, generator: Optional[torch.Generator],
+             W: Optional[Tensor], details: bool, record: bool, fused: Optional[bool]) -> DynaLayOutput:
+        cfg, cost = self.cfg, self.costs
+        L, T, C = cfg.num_layers, cfg.max_steps, cfg.num_classes
+        B, dev = x.shape[0], x.device
+        use_agent = policy != "forced"
         if fused is not False:
             lam_v = self.default_lam if lam is None else lam
             why = self.fused_reason(x, policy=policy, lam=lam_v, budget=budget, compact=compact, record=record)

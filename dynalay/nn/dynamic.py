@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.dispatch import DynamicStepResult, dynamic_step
-from .fpi import SpectralBound, validate_solve_kwargs
+from ..ops._common import check_int
+from .fpi import SpectralBound, check_spectral_bound, validate_solve_kwargs
 
 
 class DynamicFPIStep(nn.Module):
@@ -24,13 +25,15 @@ class DynamicFPIStep(nn.Module):
         super().__init__()
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be an int >= 1 (got {num_layers!r})")
+        check_int("hidden", hidden, 1)
+        spectral_bound = check_spectral_bound(spectral_bound)
         self.solve_kwargs = validate_solve_kwargs(solve_kwargs)
         self.num_layers, self.hidden = num_layers, hidden
         kw = dict(device=device, dtype=dtype)
         self.U = nn.Parameter(torch.randn(num_layers, hidden, hidden, **kw) / math.sqrt(hidden))
         self.W = nn.Parameter(torch.randn(num_layers, hidden, hidden, **kw) / math.sqrt(hidden))
         self.b = nn.Parameter(torch.zeros(num_layers, hidden, **kw))
-        self.spectral = SpectralBound((num_layers,), hidden, spectral_bound).to(device) if spectral_bound else None
+        self.spectral = SpectralBound((num_layers,), hidden, spectral_bound).to(device) if spectral_bound is not None else None
         if self.spectral is not None:
             self.spectral.reset(self.W)
         self.last_result: Optional[DynamicStepResult] = None

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops._common import SolverConfig, check_choice
+from .. import backends
+from ..ops._common import SolverConfig, check_int
 from ..ops.fixed_point import FixedPointResult, check_backward_args, fixed_point, resolve_backward_config
 
 SOLVE_KEYS = ("tol", "max_iter", "solver", "backward", "damping", "anderson_m", "anderson_lam", "eps",
@@ -25,7 +26,18 @@ def validate_solve_kwargs(kw: dict) -> dict:
     resolve_backward_config(cfg, kw.get("backward_tol"), kw.get("backward_max_iter"), kw.get("backward_solver"))
     check_backward_args(kw.get("backward", "implicit"), kw.get("phantom_steps", 5), kw.get("phantom_damping", 0.5),
                         kw.get("check", "warn"))
+    if kw.get("backend") is not None:
+        backends.requested_backend(kw["backend"])  # a name it knows (whether it runs is decided per call)
     return dict(kw)
+
+
+def check_spectral_bound(bound) -> Optional[float]:
+    """``None`` (no constraint) or a finite float > 0; 0 is an error, not "off"."""
+    if bound is None:
+        return None
+    if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not math.isfinite(bound) or bound <= 0:
+        raise ValueError(f"spectral_bound must be None or a finite float > 0 (got {bound!r})")
+    return float(bound)
 
 
 class SpectralBound(nn.Module):
@@ -87,12 +99,15 @@ class FPILayer(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, *, bias: bool = True,
                  spectral_bound: Optional[float] = 0.9, device=None, dtype=None, **solve_kwargs):
         super().__init__()
+        check_int("in_features", in_features, 1)
+        check_int("hidden_features", hidden_features, 1)
+        spectral_bound = check_spectral_bound(spectral_bound)
         self.solve_kwargs = validate_solve_kwargs(solve_kwargs)
         self.in_features, self.hidden_features = in_features, hidden_features
         self.U = nn.Linear(in_features, hidden_features, bias=bias, device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(hidden_features, hidden_features, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(hidden_features))
-        self.spectral = SpectralBound((), hidden_features, spectral_bound).to(device) if spectral_bound else None
+        self.spectral = SpectralBound((), hidden_features, spectral_bound).to(device) if spectral_bound is not None else None
         if self.spectral is not None:
             self.spectral.reset(self.weight)
         self.last_stats: Optional[FixedPointResult] = None

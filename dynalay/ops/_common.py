@@ -19,6 +19,7 @@ from .. import _ext, backends
 SOLVERS = ("picard", "anderson")
 BACKWARDS = ("implicit", "phantom")
 CHECKS = ("warn", "raise", "none")
+EPS_MIN = torch.finfo(torch.float32).tiny
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -43,28 +44,43 @@ class SolverConfig:
     eps: float = 1e-12
 
     def validate(self, prefix: str = "") -> "SolverConfig":
+        # Comparisons only (no math.isfinite, no float()): under torch.compile a float argument
+        # may be a SymFloat (dynamic=True, or a value that changed between calls), and these
+        # compare it without forcing a graph break.
         p = prefix
-        if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not math.isfinite(self.tol) \
-                or self.tol <= 0:
+        if not _is_real(self.tol) or not (0 < self.tol < math.inf):
             raise ValueError(f"{p}tol must be a finite float > 0 (got {self.tol!r})")
-        if not isinstance(self.max_iter, int) or isinstance(self.max_iter, bool) or self.max_iter < 1:
-            raise ValueError(f"{p}max_iter must be an int >= 1 (got {self.max_iter!r})")
+        if not isinstance(self.max_iter, int) or isinstance(self.max_iter, bool) or not (1 <= self.max_iter < 2**31):
+            # iters are int32
+            raise ValueError(f"{p}max_iter must be an int in [1, 2**31 - 1] (got {self.max_iter!r})")
         if self.solver not in SOLVERS:
             raise ValueError(f"{p}solver must be one of {SOLVERS} (got {self.solver!r})")
-        if not isinstance(self.damping, (int, float)) or not (0.0 < self.damping <= 1.0):
+        if not _is_real(self.damping) or not (0.0 < self.damping <= 1.0):
             raise ValueError(f"{p}damping must be in (0, 1] (got {self.damping!r})")
         if not isinstance(self.anderson_m, int) or not (1 <= self.anderson_m <= 32):
             raise ValueError(f"{p}anderson_m must be an int in [1, 32] (got {self.anderson_m!r})")
-        if not isinstance(self.anderson_lam, (int, float)) or not math.isfinite(self.anderson_lam) \
-                or self.anderson_lam < 0:
+        if not _is_real(self.anderson_lam) or not (0 <= self.anderson_lam < math.inf):
             raise ValueError(f"{p}anderson_lam must be a finite float >= 0 (got {self.anderson_lam!r})")
-        if not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) or self.eps <= 0:
-            raise ValueError(f"{p}eps must be a finite float > 0 (got {self.eps!r})")
+        if not _is_real(self.eps) or not (EPS_MIN <= self.eps < math.inf):
+            # below float32's smallest normal, eps would round to 0 (or a denormal) in a float32
+            # solve and the backends would disagree on rows with f(z) = 0
+            raise ValueError(f"{p}eps must be a finite float >= {EPS_MIN:.4g} (float32's smallest normal) "
+                             f"(got {self.eps!r})")
         return self
 
     def op_args(self) -> Tuple:
-        return (float(self.tol), int(self.max_iter), self.solver, float(self.damping), int(self.anderson_m),
-                float(self.anderson_lam), float(self.eps))
+        return (_as_float(self.tol), int(self.max_iter), self.solver, _as_float(self.damping), int(self.anderson_m),
+                _as_float(self.anderson_lam), _as_float(self.eps))
+
+
+def _is_real(v) -> bool:
+    """An int or float (a SymFloat/SymInt while compiling), not a bool."""
+    return isinstance(v, (int, float, torch.SymFloat, torch.SymInt)) and not isinstance(v, bool)
+
+
+def _as_float(v):
+    """``float(v)`` for a Python number; a SymFloat stays symbolic (the op takes it as is)."""
+    return v if isinstance(v, torch.SymFloat) else float(v)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,10 +110,10 @@ def check_tensor(name: str, t, ndim: int, *, dtype: Optional[torch.dtype] = None
 
 
 def check_finite(check: str, **tensors: Optional[Tensor]) -> None:
-    """Reject NaN/Inf inputs (one host read per tensor; skipped under compile or check='none')."""
-    if check == "none" or torch.compiler.is_compiling():
-        return
+    """Reject NaN/Inf inputs (one host read per tensor; skipped when ``checks_off``)."""
     present = [(n, t) for n, t in tensors.items() if t is not None and t.numel()]
+    if checks_off(check, *(t for _, t in present)):
+        return
     if not present:
         return
     if present[0][1].device.type == "cpu" and not _ext.cpp_error():
@@ -129,8 +145,8 @@ def check_int(name: str, value, minimum: int) -> None:
 
 
 def report(where: str, converged: Tensor, residual: Tensor, max_iter: int, check: str) -> None:
-    """Warn (or raise) when rows did not converge.  One host read; skipped under compile."""
-    if check == "none" or torch.compiler.is_compiling() or converged.numel() == 0:
+    """Warn (or raise) when rows did not converge.  One host read; skipped when ``checks_off``."""
+    if converged.numel() == 0 or checks_off(check, converged, residual):
         return
     bad = int((~converged).sum())
     if bad == 0:
@@ -155,12 +171,6 @@ def run_solve(backend: str, c: Tensor, W: Tensor, d: Optional[Tensor], actions: 
     return be.fp_solve(c, W, d, actions, z0, adjoint, *cfg)
 
 
-def cast_for(backend: str, *ts: Optional[Tensor]):
-    if backend not in ("torch", "cpp"):
-        return ts
-    return tuple(None if t is None else cast(t, compute_dtype(t.dtype)) for t in ts)
-
-
 try:  # the innermost active TorchDispatchMode (fake/proxy tracing: opcheck, make_fx, AOTAutograd)
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 except ImportError:  # pragma: no cover - a torch without it: always take the registered ops
@@ -171,13 +181,20 @@ except ImportError:  # pragma: no cover - a torch without it: always take the re
 _PLAIN = (Tensor, torch.nn.Parameter)  # what the eager path takes; any other subclass takes the op
 
 
+def checks_off(check: str, *tensors) -> bool:
+    """Whether the data-dependent checks (a host read of values) are skipped: ``check="none"``,
+    and whenever the values are not there to read: torch.compile, any tracing dispatch mode
+    (make_fx, opcheck, AOTAutograd), fake or other subclass tensors, meta tensors."""
+    return check == "none" or tracing(*tensors)
+
+
 def tracing(*args) -> bool:
     """Whether a call may be traced: torch.compile, an active dispatch mode (make_fx, opcheck,
-    AOTAutograd), or tensor subclasses (fake, functional) among ``args``.  Then the registered
+    AOTAutograd), or tensor subclasses (fake, functional) or meta tensors among ``args``.  Then the registered
     ops run (their fake kernels make them traceable); otherwise their implementations may be
     called directly (``eager_function``)."""
     return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or any(isinstance(a, Tensor) and type(a) not in _PLAIN for a in args))
+            or any(isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta) for a in args))
 
 
 def eager_function(impl, setup, backward, name: str, num_tensor_args: int):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ._common import (cast, cast_for, check_finite, check_tensor, compute_dtype, eager_function,
+from ._common import (cast, check_finite, checks_off, check_tensor, compute_dtype, eager_function,
                       report, run_solve, tracing)
 from .fixed_point import (fused_implicit_grads, grouped_linear, grouped_wgrad, has_fused_backward, implicit_grads,
                           phantom_grads, prepare_solve_args)
@@ -86,10 +86,16 @@ def _check_actions(actions, B: int, L: int, device, check: str) -> None:
         raise ValueError(f"actions must have shape ({B},) (got {tuple(actions.shape)})")
     if actions.device != device:
         raise ValueError(f"actions is on {actions.device} but the other inputs are on {device}")
-    if check != "none" and not torch.compiler.is_compiling() and actions.numel():
+    if actions.numel() and not checks_off(check, actions):
         lo, hi = torch.stack(torch.aminmax(actions)).tolist()  # one pass, one host read
         if lo < 0 or hi > L:
             raise ValueError(f"actions must lie in [0, {L}] (layer index, {L} = NOP); got values in [{lo}, {hi}]")
+
+
+def _keeps_h(actions: Tensor, L: int) -> Tensor:
+    """Rows whose state passes through a step unchanged: NOP (``L``), and any action outside
+    ``[0, L)`` that ``check="none"`` let through."""
+    return (actions >= L) | (actions < 0)
 
 
 def route(actions: Tensor, num_layers: int, block_m: int = 32, *, check: str = "warn") -> Routing:
@@ -114,10 +120,14 @@ def _step_forward(backend: str, h: Tensor, actions: Tensor, U: Tensor, W: Tensor
     if hasattr(be, "dynamic_step"):  # fused: projection + solve on the same tiles
         return be.dynamic_step(h, actions, U, W, b, *cfg)
     L = U.shape[0]
-    hc, Uc, bc = cast_for(backend, h, U, b)  # already below autograd: call the backend directly
+    # already below autograd: call the backend directly.  inj is an intermediate: float32 on every
+    # backend (a 16-bit inj would be rounded before the solve)
+    hc, Uc, bc = (cast(t, compute_dtype(h.dtype)) for t in (h, U, b))
     inj = be.grouped_linear(hc, Uc, bc, actions, False)
     z, it, res, conv = run_solve(backend, inj, W, None, actions, None, False, cfg)
-    h_new = torch.where((actions == L).unsqueeze(1), h.to(z.dtype), z)
+    # rows outside [0, L) keep h: NOP rows, and out-of-range actions passed with check="none"
+    # (as the GPU kernels treat them; their `converged` is False)
+    h_new = torch.where(_keeps_h(actions, L).unsqueeze(1), h.to(z.dtype), z).contiguous()
     return h_new, it, conv, res
 
 
@@ -167,7 +177,7 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
                                               ctx.bcfg, ctx.check, ctx.backend)
         dt = ctx.dtypes  # (h, U, W, b)
         return (cast(dh, dt[0]), None, cast(dU, dt[1]), cast(dW, dt[2]), cast(db, dt[3])) + nones
-    nop = (actions == L).unsqueeze(1)
+    nop = _keeps_h(actions, L).unsqueeze(1)
     gc = cast(g, cd)
     gz = torch.where(nop, torch.zeros_like(gc), gc)
     if ctx.backward == "phantom":
@@ -210,6 +220,8 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     B, H = h.shape
     if B == 0:
         raise ValueError("h is an empty batch (B=0): dynamic_step needs at least one row")
+    if H == 0:
+        raise ValueError("h must have at least one feature (got H=0)")
     check_tensor("U", U, 3, dtype=h.dtype, device=h.device)
     L = U.shape[0]
     if L < 1 or tuple(U.shape) != (L, H, H):

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import (BACKWARDS, CHECKS, SolverConfig, cast, check_choice, check_finite, check_int, check_tensor,
+from ._common import (BACKWARDS, CHECKS, SolverConfig, _as_float, _is_real, cast, check_choice, check_finite,
+                      check_int, check_tensor,
                       compute_dtype, eager_function, report, run_solve, tracing)
 
 # The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
@@ -184,7 +185,7 @@ def implicit_grads(z: Tensor, gz: Tensor, W: Tensor, actions: Optional[Tensor], 
                    backend: str, want_W: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """IFT: u = d*(g + u W), dinj = u, dW[l] = sum u^T z.  Returns (u, dW) in the compute dtype."""
     u, it, res, conv = fixed_point_adjoint(z, gz, W, actions, *bcfg, backend)
-    if not torch.compiler.is_compiling():
+    if not tracing(it):
         last_backward_stats.update(iters=it, residual=res, converged=conv)
     report("backward (adjoint)", conv, res, bcfg[1], check)
     dW = grouped_wgrad(u, z, actions, W.shape[0], backend) if want_W else None
@@ -207,7 +208,7 @@ def fused_implicit_grads(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tens
     ``implicit_grads``.  dx is dinj (0 on NOP rows) for fixed_point; with ``h, U``
     (dynamic_step) it is dh (g on NOP rows)."""
     dx, dW, dU, db, it, res, conv = backends.get(backend).implicit_backward(z, g, W, actions, h, U, *wants, *bcfg)
-    if not torch.compiler.is_compiling():
+    if not tracing(it):
         last_backward_stats.update(iters=it, residual=res, converged=conv)
     report("backward (adjoint)", conv, res, bcfg[1], check)
     return dx, dW, dU, db
@@ -321,7 +322,7 @@ def check_backward_args(backward, phantom_steps, phantom_damping, check):
     check_choice("backward", backward, BACKWARDS)
     check_choice("check", check, CHECKS)
     check_int("phantom_steps", phantom_steps, 1)
-    if not isinstance(phantom_damping, (int, float)) or not (0.0 < phantom_damping <= 1.0):
+    if not _is_real(phantom_damping) or not (0.0 < phantom_damping <= 1.0):
         raise ValueError(f"phantom_damping must be in (0, 1] (got {phantom_damping!r})")
 
 
@@ -331,7 +332,7 @@ def _prepare(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, back
     cfg = SolverConfig(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps).validate()
     check_backward_args(backward, phantom_steps, phantom_damping, check)
     bcfg = resolve_backward_config(cfg, backward_tol, backward_max_iter, backward_solver)
-    return cfg.op_args() + (backward,) + bcfg.op_args() + (int(phantom_steps), float(phantom_damping), check)
+    return cfg.op_args() + (backward,) + bcfg.op_args() + (int(phantom_steps), _as_float(phantom_damping), check)
 
 
 def prepare_solve_args(*key) -> tuple:

@@ -243,6 +243,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: DataBundle, run_dir: Optional[str] = None,
                  dist: Optional[DistInfo] = None, progress: bool = True, log: Callable[[str], None] = print):
         self.cfg = cfg.validate()
+        for split in ("fit", "val", "test"):  # every rank holds the same data: all of them stop here
+            x = getattr(data, split).x
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"the {data.name} data's {split} split contains NaN or Inf features")
         self.data = data
         self.run_dir = run_dir
         self.dist = dist or DistInfo()

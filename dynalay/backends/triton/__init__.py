@@ -147,19 +147,26 @@ def _route(actions: Tensor, L: int, BM: int, any_block: bool = False):
     return r
 
 
+ROUTE_MAX_LP = 256       # L + 1 <= 256 layers (padded to a power of two)
+ROUTE_MAX_CHUNKS = 512   # B <= 512 chunks of up to 1024 rows
+
+
 def route_tables(actions: Tensor, L: int, BM: int):
     """``dynalay.ops.dispatch.route_impl`` in two Triton launches (a per-chunk group count, then
     one pass that places every row stably and writes the tile tables): no sort, no host sync, no
     atomics.  Same outputs for valid actions (tested); an action outside [0, L] (possible only with
     check="none") is routed as NOP."""
     B = actions.shape[0]
-    if B == 0 or B >= 2 ** 31 or not (actions.is_cuda or _interp()):
-        return route_impl(actions, L, BM)
-    actions = actions.contiguous()
-    dev = actions.device
     LP = max(2, _np2(L + 1))
     CHUNK = max(16, min(1024, _np2(B), 16384 // LP))
     NCH = triton_cdiv(B, CHUNK)
+    # route_impl (a sort; still no host sync) where these kernels do not fit: the place kernel
+    # holds (CHUNK, LP) blocks in registers (large L), and each of its programs scans all NCH x LP
+    # chunk counts, work that grows as NCH^2 (B beyond ~512 chunks)
+    if B == 0 or B >= 2 ** 31 or not (actions.is_cuda or _interp()) or LP > ROUTE_MAX_LP or NCH > ROUTE_MAX_CHUNKS:
+        return route_impl(actions, L, BM)
+    actions = actions.contiguous()
+    dev = actions.device
     T = num_tiles_bound(B, L, BM)
     i32, i64 = torch.int32, torch.int64
     cc = torch.empty(NCH, LP, device=dev, dtype=i32)

@@ -43,6 +43,18 @@ def _tanh(x, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _rel_residual(gg, ff, eps, IS_F64: tl.constexpr):
+    """sqrt(gg) / (sqrt(ff) + eps), correctly rounded as in torch: a plain fp32 tl.sqrt and `/`
+    compile to approximate instructions on the GPU, and a row whose residual lies within a few
+    ulp of tol would then stop one iteration apart from the other backends."""
+    if IS_F64:
+        r = tl.sqrt(gg) / (tl.sqrt(ff) + eps)
+    else:
+        r = tl.div_rn(tl.sqrt_rn(gg), tl.sqrt_rn(ff) + eps)
+    return r
+
+
+@triton.jit
 def _up(x, IS_F64: tl.constexpr):
     if IS_F64:
         y = x.to(tl.float64)
@@ -100,7 +112,7 @@ def _fp_solve_kernel(C, W, D, Z0, Z, ITERS, RES, CONV, PERM, TILE_LAYER, TILE_ST
     if HAS_Z0:
         z = _up(tl.load(Z0 + ptrs, mask=m2, other=0.0), IS_F64)
     else:
-        z = c * 0.0
+        z = tl.zeros([BM, BH], dtype=c.dtype)  # not c * 0: an infinite c would start the row at NaN
     active = rmask
     iters = tl.zeros([BM], dtype=tl.int32)
     res = tl.sum(z, axis=1) * 0.0
@@ -114,7 +126,7 @@ def _fp_solve_kernel(C, W, D, Z0, Z, ITERS, RES, CONV, PERM, TILE_LAYER, TILE_ST
         else:
             fz = _tanh(p + c, USE_LIBDEVICE)
         g = fz - z
-        r = tl.sqrt(tl.sum(g * g, axis=1)) / (tl.sqrt(tl.sum(fz * fz, axis=1)) + eps)
+        r = _rel_residual(tl.sum(g * g, axis=1), tl.sum(fz * fz, axis=1), eps, IS_F64)
         done = r < tol
         iters = tl.where(active, it + 1, iters)
         res = tl.where(active, r, res)
@@ -201,7 +213,7 @@ def _fp_solve_tiled_kernel(C, W, D, Z0, Z, ITERS, RES, CONV, PERM, TILE_LAYER, T
             else:
                 zn = zc + damping * g
             tl.store(nxt + ptrs, tl.where(active[:, None], zn, zc), mask=m2)
-        r = tl.sqrt(num) / (tl.sqrt(den) + eps)
+        r = _rel_residual(num, den, eps, IS_F64)
         done = r < tol
         iters = tl.where(active, it + 1, iters)
         res = tl.where(active, r, res)

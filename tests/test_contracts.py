@@ -1,0 +1,246 @@
+"""Input contracts and tracing, from an audit of the public API (session 17): each test is a
+case that crashed, failed to trace or silently misbehaved before its fix."""
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import dynalay
+from dynalay.models import DynaLay, DynaLayConfig
+from helpers import make_W, make_step_params
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+CPP = dynalay.backends.availability_error("cpp") is None
+BACKENDS = ["torch"] + (["cpp"] if CPP else []) + (["triton"] if INTERP else [])
+
+
+def _step_inputs(gen, B=7, H=8, L=3, dtype=torch.float32):
+    h, U, W, b = make_step_params(B, H, L, dtype, gen)
+    actions = torch.randint(0, L + 1, (B,), generator=gen)
+    return h, actions, U, W, b
+
+
+# ------------------------------------------------------------------ shapes and settings
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dynamic_step_rejects_zero_features(backend):
+    """H = 0 killed the process (SIGFPE in the cpp kernel); now a ValueError naming h."""
+    h, U, W, b = torch.zeros(3, 0), torch.zeros(2, 0, 0), torch.zeros(2, 0, 0), torch.zeros(2, 0)
+    with pytest.raises(ValueError, match="h must have at least one feature"):
+        dynalay.dynamic_step(h, torch.zeros(3, dtype=torch.int64), U, W, b, backend=backend)
+
+
+@pytest.mark.parametrize("make", [lambda **k: dynalay.nn.DynamicFPIStep(2, 0, **k),
+                                  lambda **k: dynalay.nn.FPILayer(5, 0, **k),
+                                  lambda **k: dynalay.nn.FPILayer(0, 5, **k)])
+def test_modules_reject_zero_sizes(make):
+    with pytest.raises(ValueError, match="must be an int >= 1"):
+        make()
+
+
+@pytest.mark.parametrize("bound", [0.0, -0.5, float("nan"), float("inf"), True])
+@pytest.mark.parametrize("cls", ["fpi", "step"])
+def test_spectral_bound_zero_is_an_error_not_off(bound, cls):
+    """spectral_bound=0.0 used to read as None and leave W unconstrained."""
+    with pytest.raises(ValueError, match="spectral_bound"):
+        if cls == "fpi":
+            dynalay.nn.FPILayer(4, 6, spectral_bound=bound)
+        else:
+            dynalay.nn.DynamicFPIStep(2, 6, spectral_bound=bound)
+    assert dynalay.nn.FPILayer(4, 6, spectral_bound=None).spectral is None
+
+
+def test_backend_argument_is_validated_with_a_clear_error():
+    with pytest.raises(TypeError, match="backend must be a str"):
+        dynalay.fixed_point(torch.zeros(2, 3), torch.zeros(3, 3), backend=1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dynalay.nn.FPILayer(3, 4, backend="nope")  # at construction, not at the first forward
+
+
+@pytest.mark.parametrize("kw,match", [(dict(max_iter=2**63), "max_iter"), (dict(max_iter=2**31), "max_iter"),
+                                      (dict(eps=1e-50), "eps"), (dict(eps=0.0), "eps"),
+                                      (dict(tol=float("nan")), "tol"), (dict(tol=float("inf")), "tol"),
+                                      (dict(anderson_lam=float("nan")), "anderson_lam")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_solver_settings_out_of_range(kw, match, backend):
+    """max_iter beyond int32 hit a dispatcher schema error on cpp; an eps that is 0 in float32
+    made torch report NaN residuals where cpp converged."""
+    with pytest.raises(ValueError, match=match):
+        dynalay.fixed_point(torch.zeros(2, 3), torch.zeros(3, 3), backend=backend, **kw)
+
+
+# ------------------------------------------------------------------ the torch backend
+@pytest.mark.parametrize("op", ["fixed_point", "dynamic_step"])
+def test_torch_backend_outputs_are_contiguous_for_strided_inputs(op, gen):
+    """torch_ref returned the input's layout (a transposed inj gave strides (1, B)); the fake
+    kernels promise contiguous outputs, so opcheck and torch.compile failed on such inputs."""
+    if op == "fixed_point":
+        inj = torch.randn(8, 5, generator=gen).t()
+        W = make_W(8, 0.8, dtype=torch.float32, gen=gen).t()
+        out = dynalay.fixed_point(inj, W, backend="torch").z
+        ref = dynalay.fixed_point(inj.contiguous(), W.contiguous(), backend="torch").z
+        fn = lambda i: dynalay.fixed_point(i, W, backend="torch").z.sin()  # noqa: E731
+        x = inj
+    else:
+        h, a, U, W, b = _step_inputs(gen)
+        x = h.t().contiguous().t()
+        out = dynalay.dynamic_step(x, a, U, W, b, backend="torch").h
+        ref = dynalay.dynamic_step(h, a, U, W, b, backend="torch").h
+        fn = lambda i: dynalay.dynamic_step(i, a, U, W, b, backend="torch").h.sin()  # noqa: E731
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)  # a strided GEMM may round differently
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x), out.sin(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("H,dtype", [(1, torch.float32), (1, torch.float64), (2, torch.float32)])
+def test_anderson_without_ridge_falls_back_on_a_singular_mix(H, dtype, gen):
+    """anderson_lam=0 (allowed) made torch.linalg.solve raise on a singular Gram matrix; a
+    degenerate mix now takes the plain step, as documented."""
+    inj = torch.randn(4, H, generator=gen, dtype=dtype)
+    W = make_W(H, 0.9, dtype=dtype, gen=gen)
+    for backward_solver in (None, "anderson"):
+        i = inj.clone().requires_grad_()
+        r = dynalay.fixed_point(i, W, solver="anderson", anderson_lam=0.0, backward_solver=backward_solver,
+                                backend="torch", max_iter=200, check="raise")
+        r.z.sum().backward()
+        assert bool(r.converged.all())
+        assert torch.isfinite(i.grad).all()
+        ref = dynalay.fixed_point(inj, W, backend="torch", tol=1e-6, max_iter=500, check="raise").z
+        torch.testing.assert_close(r.z, ref, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if INTERP else []))
+def test_out_of_range_actions_with_check_none_keep_the_state(backend, gen):
+    """With check='none' nothing validates the actions; an out-of-range row used to come back
+    as zeros from the torch backend (the Triton kernel keeps h).  Both keep h now, with
+    converged False; cpp checks the range for free and raises."""
+    h, a, U, W, b = _step_inputs(gen, L=2)
+    a = torch.tensor([0, 1, 2, 5, -1, 1, 0])
+    r = dynalay.dynamic_step(h, a, U, W, b, backend=backend, check="none")
+    assert torch.equal(r.h[3:5], h[3:5])
+    assert r.converged[3:5].tolist() == [False, False] and r.iters[3:5].tolist() == [0, 0]
+    ok = torch.tensor([0, 1, 2, 5, -1, 1, 0]).clamp(0, 2)
+    ref = dynalay.dynamic_step(h, torch.where((a < 0) | (a > 2), 2, ok), U, W, b, backend=backend)
+    assert torch.equal(r.h, ref.h)
+    if CPP:
+        with pytest.raises(RuntimeError, match="actions must lie in"):
+            dynalay.dynamic_step(h, a, U, W, b, backend="cpp", check="none")
+
+
+# ------------------------------------------------------------------ tracing
+def test_compile_with_a_float_argument_that_changes(gen):
+    """A tol that changes between calls (or dynamic=True) arrives as a SymFloat; validation used
+    math.isfinite on it and broke fullgraph compilation."""
+    inj = torch.randn(6, 8, generator=gen)
+    W = make_W(8, 0.9, dtype=torch.float32, gen=gen)
+
+    def f(i, tol, pd):
+        r = dynalay.fixed_point(i, W, tol=tol, backward="phantom", phantom_damping=pd)
+        return r.z, r.iters
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True)
+    for tol, pd in ((1e-2, 0.5), (1e-5, 0.5), (1e-6, 0.7)):
+        z, it = cf(inj, tol, pd)
+        z_ref, it_ref = f(inj, tol, pd)
+        assert torch.equal(it, it_ref) and torch.equal(z, z_ref)
+
+
+@pytest.mark.parametrize("what", ["fpi", "step"])
+def test_compile_dynamic_true(what, gen):
+    torch._dynamo.reset()
+    if what == "fpi":
+        mod = dynalay.nn.FPILayer(4, 8)
+        args = [(torch.randn(B, 4, generator=gen),) for B in (5, 7)]
+    else:
+        mod = dynalay.nn.DynamicFPIStep(2, 8)
+        args = [(torch.randn(B, 8, generator=gen), torch.randint(0, 3, (B,), generator=gen)) for B in (5, 9)]
+    mod.eval()  # in training mode every forward advances the spectral bound's power iteration
+    cm = torch.compile(mod, fullgraph=True, dynamic=True)
+    for a in args:
+        out, ref = cm(*a), mod(*a)
+        out, ref = (out.h, ref.h) if what == "step" else (out, ref)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("check", ["warn", "raise"])
+@pytest.mark.parametrize("mode", ["fake", "symbolic"])
+def test_make_fx_with_the_default_checks(check, mode, gen):
+    """The data-dependent checks (NaN/Inf scan, convergence report) are skipped under any
+    tracing mode, as under torch.compile; make_fx raised on the C++ scan op before."""
+    inj = torch.randn(5, 8, generator=gen)
+    W = make_W(8, 0.9, dtype=torch.float32, gen=gen)
+    h, a, U, Ws, b = _step_inputs(gen)
+    g1 = make_fx(lambda i, w: dynalay.fixed_point(i, w, check=check).z, tracing_mode=mode)(inj, W)
+    g2 = make_fx(lambda *t: dynalay.dynamic_step(*t, check=check).h, tracing_mode=mode)(h, a, U, Ws, b)
+    assert torch.equal(g1(inj, W), dynalay.fixed_point(inj, W).z)
+    assert torch.equal(g2(h, a, U, Ws, b), dynalay.dynamic_step(h, a, U, Ws, b).h)
+
+
+@pytest.mark.parametrize("check", ["warn", "raise"])
+def test_opcheck_with_the_default_checks(check, gen):
+    inj = torch.randn(5, 8, generator=gen, requires_grad=True)
+    W = make_W(8, 0.9, dtype=torch.float32, gen=gen).requires_grad_()
+    from dynalay.ops.fixed_point import fixed_point_fwd, prepare_solve_args
+    args = (inj, W.unsqueeze(0), None, None) + prepare_solve_args(
+        1e-4, 50, "picard", 1.0, 5, 1e-6, 1e-12, "implicit", None, None, None, 5, 0.5, check) + ("torch", "torch")
+    torch.library.opcheck(fixed_point_fwd, args)
+
+
+def test_meta_tensors_propagate_shapes():
+    inj, W = torch.empty(4, 8, device="meta"), torch.empty(8, 8, device="meta")
+    r = dynalay.fixed_point(inj, W)
+    assert r.z.shape == (4, 8) and r.z.is_meta and r.iters.dtype == torch.int32
+    h, U, Ws, b = (torch.empty(4, 8, device="meta"), torch.empty(2, 8, 8, device="meta"),
+                   torch.empty(2, 8, 8, device="meta"), torch.empty(2, 8, device="meta"))
+    s = dynalay.dynamic_step(h, torch.zeros(4, dtype=torch.int64, device="meta"), U, Ws, b)
+    assert s.h.shape == (4, 8) and s.h.is_meta
+
+
+# ------------------------------------------------------------------ the model's inputs and knobs
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return DynaLay(DynaLayConfig(in_features=6, hidden=16, num_classes=3)).eval()
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_model_rejects_non_finite_inputs_and_knobs(small_model, fused):
+    """x with NaN, a W with an Inf (tanh can saturate it into finite, wrong logits) and lam=NaN
+    (silently other decisions) ran without a word."""
+    m, x = small_model, torch.randn(5, 6)
+    with torch.no_grad():
+        bad_x = x.clone()
+        bad_x[2, 1] = float("nan")
+        with pytest.raises(ValueError, match="x contains NaN"):
+            m.run(bad_x, fused=fused)
+        W = m.pool.effective_weight().clone()
+        m.run(x, W=W, fused=fused)
+        W[0, 0, 0] = float("inf")  # in place: a new version of the same tensor is scanned again
+        with pytest.raises(ValueError, match="W contains NaN"):
+            m.run(x, W=W, fused=fused)
+        for bad in (dict(lam=float("nan")), dict(lam=-1.0), dict(lam=torch.full((5,), float("nan"))),
+                    dict(budget=float("nan")), dict(budget=math.inf), dict(nop_bias=float("nan")),
+                    dict(exit_threshold=float("nan"), policy="forced", forced=m.static_actions(5, None, x.device))):
+            with pytest.raises(ValueError, match=next(iter(k for k in bad if k not in ("policy", "forced")))):
+                m.run(x, fused=fused, **bad)
+        with pytest.raises(ValueError, match="int64 table"):
+            m.run(x, policy="forced", forced=torch.zeros(5, m.cfg.max_steps, dtype=torch.int32), fused=fused)
+        with pytest.raises(ValueError, match="nop_bias applies to the agent"):
+            m.run(x, policy="forced", forced=m.static_actions(5, None, x.device), nop_bias=1.0, fused=fused)
+        with pytest.raises(TypeError, match="floating-point"):
+            m.run(x.long(), fused=fused)
+        m.run(x, nop_bias=math.inf, fused=fused)  # +-inf is a documented extreme of the knob
+
+
+def test_model_names_a_non_finite_parameter():
+    torch.manual_seed(1)
+    m = DynaLay(DynaLayConfig(in_features=6, hidden=16, num_classes=3)).eval()
+    with torch.no_grad():
+        m.pool.b[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="parameter pool.b"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m.run(torch.randn(4, 6))
