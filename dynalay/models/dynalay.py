@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .. import _ext, backends
 from ..nn.dynamic import DynamicFPIStep
-from ..ops._common import SolverConfig, _is_real, check_finite, tracing
+from ..ops._common import SolverConfig, check_finite, is_real, tracing
 from ..ops.dispatch import dynamic_step
 
 __all__ = ["DynaLayConfig", "DynaLay", "DynaLayOutput", "CostModel", "Policy", "MLPBaseline", "mlp_hidden_for_params",
@@ -315,13 +315,13 @@ def _check_knobs(lam, nop_bias, budget, exit_threshold) -> None:
         if isinstance(lam, Tensor):
             if lam.numel() and not tracing(lam) and not bool(torch.isfinite(lam).all() & (lam >= 0).all()):
                 raise ValueError("lam must hold finite values >= 0 (got NaN, Inf or a negative value)")
-        elif not _is_real(lam) or not (0 <= lam < math.inf):
+        elif not is_real(lam) or not (0 <= lam < math.inf):
             raise ValueError(f"lam must be a finite number >= 0 or a (B,) tensor (got {lam!r})")
-    if not _is_real(nop_bias) or nop_bias != nop_bias:
+    if not is_real(nop_bias) or nop_bias != nop_bias:
         raise ValueError(f"nop_bias must be a number (+-inf allowed), not NaN (got {nop_bias!r})")
-    if budget is not None and (not _is_real(budget) or not (0 < budget < math.inf)):
+    if budget is not None and (not is_real(budget) or not (0 < budget < math.inf)):
         raise ValueError(f"budget must be None or a finite number of FLOPs per sample > 0 (got {budget!r})")
-    if exit_threshold is not None and (not _is_real(exit_threshold) or exit_threshold != exit_threshold):
+    if exit_threshold is not None and (not is_real(exit_threshold) or exit_threshold != exit_threshold):
         raise ValueError(f"exit_threshold must be None or a number, not NaN (got {exit_threshold!r})")
 
 

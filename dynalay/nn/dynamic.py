@@ -23,8 +23,7 @@ class DynamicFPIStep(nn.Module):
     def __init__(self, num_layers: int, hidden: int, *, spectral_bound: Optional[float] = 0.9, device=None,
                  dtype=None, **solve_kwargs):
         super().__init__()
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be an int >= 1 (got {num_layers!r})")
+        check_int("num_layers", num_layers, 1)
         check_int("hidden", hidden, 1)
         spectral_bound = check_spectral_bound(spectral_bound)
         self.solve_kwargs = validate_solve_kwargs(solve_kwargs)

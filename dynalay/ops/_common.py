@@ -48,20 +48,20 @@ class SolverConfig:
         # may be a SymFloat (dynamic=True, or a value that changed between calls), and these
         # compare it without forcing a graph break.
         p = prefix
-        if not _is_real(self.tol) or not (0 < self.tol < math.inf):
+        if not is_real(self.tol) or not (0 < self.tol < math.inf):
             raise ValueError(f"{p}tol must be a finite float > 0 (got {self.tol!r})")
         if not isinstance(self.max_iter, int) or isinstance(self.max_iter, bool) or not (1 <= self.max_iter < 2**31):
             # iters are int32
             raise ValueError(f"{p}max_iter must be an int in [1, 2**31 - 1] (got {self.max_iter!r})")
         if self.solver not in SOLVERS:
             raise ValueError(f"{p}solver must be one of {SOLVERS} (got {self.solver!r})")
-        if not _is_real(self.damping) or not (0.0 < self.damping <= 1.0):
+        if not is_real(self.damping) or not (0.0 < self.damping <= 1.0):
             raise ValueError(f"{p}damping must be in (0, 1] (got {self.damping!r})")
         if not isinstance(self.anderson_m, int) or not (1 <= self.anderson_m <= 32):
             raise ValueError(f"{p}anderson_m must be an int in [1, 32] (got {self.anderson_m!r})")
-        if not _is_real(self.anderson_lam) or not (0 <= self.anderson_lam < math.inf):
+        if not is_real(self.anderson_lam) or not (0 <= self.anderson_lam < math.inf):
             raise ValueError(f"{p}anderson_lam must be a finite float >= 0 (got {self.anderson_lam!r})")
-        if not _is_real(self.eps) or not (EPS_MIN <= self.eps < math.inf):
+        if not is_real(self.eps) or not (EPS_MIN <= self.eps < math.inf):
             # below float32's smallest normal, eps would round to 0 (or a denormal) in a float32
             # solve and the backends would disagree on rows with f(z) = 0
             raise ValueError(f"{p}eps must be a finite float >= {EPS_MIN:.4g} (float32's smallest normal) "
@@ -69,16 +69,16 @@ class SolverConfig:
         return self
 
     def op_args(self) -> Tuple:
-        return (_as_float(self.tol), int(self.max_iter), self.solver, _as_float(self.damping), int(self.anderson_m),
-                _as_float(self.anderson_lam), _as_float(self.eps))
+        return (as_op_float(self.tol), int(self.max_iter), self.solver, as_op_float(self.damping), int(self.anderson_m),
+                as_op_float(self.anderson_lam), as_op_float(self.eps))
 
 
-def _is_real(v) -> bool:
+def is_real(v) -> bool:
     """An int or float (a SymFloat/SymInt while compiling), not a bool."""
     return isinstance(v, (int, float, torch.SymFloat, torch.SymInt)) and not isinstance(v, bool)
 
 
-def _as_float(v):
+def as_op_float(v):
     """``float(v)`` for a Python number; a SymFloat stays symbolic (the op takes it as is)."""
     return v if isinstance(v, torch.SymFloat) else float(v)
 
@@ -112,9 +112,7 @@ def check_tensor(name: str, t, ndim: int, *, dtype: Optional[torch.dtype] = None
 def check_finite(check: str, **tensors: Optional[Tensor]) -> None:
     """Reject NaN/Inf inputs (one host read per tensor; skipped when ``checks_off``)."""
     present = [(n, t) for n, t in tensors.items() if t is not None and t.numel()]
-    if checks_off(check, *(t for _, t in present)):
-        return
-    if not present:
+    if not present or checks_off(check, *(t for _, t in present)):
         return
     if present[0][1].device.type == "cpu" and not _ext.cpp_error():
         # one C++ pass per tensor (vectorised, parallel, stops at the first bad chunk)

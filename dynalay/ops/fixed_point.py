@@ -22,9 +22,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import (BACKWARDS, CHECKS, SolverConfig, _as_float, _is_real, cast, check_choice, check_finite,
-                      check_int, check_tensor,
-                      compute_dtype, eager_function, report, run_solve, tracing)
+from ._common import (BACKWARDS, CHECKS, SolverConfig, as_op_float, cast, check_choice, check_finite, check_int,
+                      check_tensor, compute_dtype, eager_function, is_real, report, run_solve, tracing)
 
 # The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
 last_backward_stats: dict = {}
@@ -322,7 +321,7 @@ def check_backward_args(backward, phantom_steps, phantom_damping, check):
     check_choice("backward", backward, BACKWARDS)
     check_choice("check", check, CHECKS)
     check_int("phantom_steps", phantom_steps, 1)
-    if not _is_real(phantom_damping) or not (0.0 < phantom_damping <= 1.0):
+    if not is_real(phantom_damping) or not (0.0 < phantom_damping <= 1.0):
         raise ValueError(f"phantom_damping must be in (0, 1] (got {phantom_damping!r})")
 
 
@@ -332,7 +331,7 @@ def _prepare(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, back
     cfg = SolverConfig(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps).validate()
     check_backward_args(backward, phantom_steps, phantom_damping, check)
     bcfg = resolve_backward_config(cfg, backward_tol, backward_max_iter, backward_solver)
-    return cfg.op_args() + (backward,) + bcfg.op_args() + (int(phantom_steps), _as_float(phantom_damping), check)
+    return cfg.op_args() + (backward,) + bcfg.op_args() + (int(phantom_steps), as_op_float(phantom_damping), check)
 
 
 def prepare_solve_args(*key) -> tuple:

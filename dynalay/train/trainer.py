@@ -59,6 +59,7 @@ from torch import Tensor
 
 from ..models import DynaLay, DynaLayConfig, MLPBaseline, mlp_hidden_for_params
 from ..models.dynalay import Policy, config_from_dict
+from ..ops._common import check_finite
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataBundle
 from .reward import RewardConfig, compute_rewards
@@ -243,10 +244,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: DataBundle, run_dir: Optional[str] = None,
                  dist: Optional[DistInfo] = None, progress: bool = True, log: Callable[[str], None] = print):
         self.cfg = cfg.validate()
-        for split in ("fit", "val", "test"):  # every rank holds the same data: all of them stop here
-            x = getattr(data, split).x
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"the {data.name} data's {split} split contains NaN or Inf features")
+        # every rank holds the same data: all of them stop here, none waits in an all_reduce
+        check_finite("warn", **{f"the {data.name} data's {split} split": getattr(data, split).x
+                                for split in ("fit", "val", "test")})
         self.data = data
         self.run_dir = run_dir
         self.dist = dist or DistInfo()
