@@ -259,7 +259,7 @@ def test_cpp_direct_mkl_calls_equal_the_aten_calls(tmp_path):
 @pytest.mark.parametrize("backward", ["implicit", "phantom"])
 def test_eager_path_equals_the_registered_op(backend, backward, gen):
     """dynalay.dynamic_step / fixed_point run an autograd.Function over the registered ops'
-    implementation in eager mode (the custom op's Python layer costs ~0.1-0.5 ms per call) and
+    implementation in eager mode (or the implementation alone when nothing needs a gradient) (the custom op's Python layer costs ~0.1-0.5 ms per call) and
     the ops themselves under torch.compile: outputs, statistics and gradients must be identical."""
     from dynalay.ops.dispatch import _DynamicStepFn, dynamic_step_op
     from dynalay.ops.dispatch import prepare_solve_args as _prepare
@@ -282,6 +282,17 @@ def test_eager_path_equals_the_registered_op(backend, backward, gen):
         r = op(i_, w_, None, None, *args, backend, backend)
         (r[0] * G).sum().backward()
         outs.append(list(r) + [i_.grad, w_.grad])
+    # with nothing for autograd to record (no_grad, or no input requiring grad) the eager path
+    # runs the implementation without the autograd.Function: the same outputs, bit for bit
+    with torch.no_grad():
+        nog = [list(_DynamicStepFn(params[0], a, *params[1:], *args, backend, backend)),
+               list(_FixedPointFn(inj, Wf, None, None, *args, backend, backend))]
+    nog_plain = [list(_DynamicStepFn(params[0], a, *params[1:], *args, backend, backend)),
+                 list(_FixedPointFn(inj, Wf, None, None, *args, backend, backend))]
+    for got, ref in ((nog[0], outs[1]), (nog[1], outs[3]), (nog_plain[0], outs[1]), (nog_plain[1], outs[3])):
+        assert not any(t.requires_grad for t in got)
+        for x, y in zip(got, ref):
+            assert torch.equal(x, y.detach())
     for x, y in zip(outs[0], outs[1]):
         assert torch.equal(x, y)
     for x, y in zip(outs[2], outs[3]):

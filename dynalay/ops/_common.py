@@ -144,11 +144,9 @@ def check_int(name: str, value, minimum: int) -> None:
 
 def report(where: str, converged: Tensor, residual: Tensor, max_iter: int, check: str) -> None:
     """Warn (or raise) when rows did not converge.  One host read; skipped when ``checks_off``."""
-    if converged.numel() == 0 or checks_off(check, converged, residual):
+    if converged.numel() == 0 or checks_off(check, converged, residual) or bool(converged.all()):
         return
     bad = int((~converged).sum())
-    if bad == 0:
-        return
     worst = float(residual.float().max())
     msg = (f"dynalay: the {where} fixed-point solve did not converge for {bad}/{converged.numel()} rows "
            f"within max_iter={max_iter} (largest relative residual {worst:.3g}); the result of those rows "
@@ -191,8 +189,12 @@ def tracing(*args) -> bool:
     AOTAutograd), or tensor subclasses (fake, functional) or meta tensors among ``args``.  Then the registered
     ops run (their fake kernels make them traceable); otherwise their implementations may be
     called directly (``eager_function``)."""
-    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or any(isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta) for a in args))
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return True
+    for a in args:  # a loop, not any(<generator>): this runs several times per op call
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):
+            return True
+    return False
 
 
 def eager_function(impl, setup, backward, name: str, num_tensor_args: int):
@@ -205,7 +207,8 @@ def eager_function(impl, setup, backward, name: str, num_tensor_args: int):
     same implementation, same saved tensors, same backward, so the two paths
     agree bit for bit (tested).  The op's leading ``num_tensor_args`` arguments (the only ones that
     can need a gradient) go to ``Function.apply`` one by one and the rest as one tuple, since
-    ``apply`` costs about 1 us per argument."""
+    ``apply`` costs about 1 us per argument.  When autograd has nothing to record (grad mode off,
+    or no input requires grad) the implementation runs alone."""
     n = num_tensor_args
 
     def forward(ctx, *args):
@@ -220,6 +223,9 @@ def eager_function(impl, setup, backward, name: str, num_tensor_args: int):
     fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
 
     def call(*inputs):
+        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs[:n]):
+            # nothing for autograd to record: the implementation alone (Function.apply costs ~10 us)
+            return impl(*inputs)
         return fn.apply(*inputs[:n], inputs[n:])
 
     call.__name__ = name

@@ -235,14 +235,16 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     solve_args = prepare_solve_args(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backward,
                                     backward_tol, backward_max_iter, backward_solver, phantom_steps, phantom_damping,
                                     check)
-    _check_actions(actions, B, L, h.device, check)
-    check_finite(check, h=h, U=U, W=W, b=b)
+    traced = tracing(h, actions, U, W, b)
+    data_check = "none" if traced else check  # the data-dependent checks need values
+    _check_actions(actions, B, L, h.device, data_check)
+    check_finite(data_check, h=h, U=U, W=W, b=b)
     be = backends.select(h.device, h.dtype, (solver,), backend, "dynamic_step")
     b_solver = solve_args[10]
     b_be = be if b_solver == solver else backends.select(h.device, h.dtype, (b_solver,), backend, "dynamic_step")
-    op = dynamic_step_op if tracing(h, actions, U, W, b) else _DynamicStepFn
+    op = dynamic_step_op if traced else _DynamicStepFn
     h_new, it, conv, res = op(h, actions, U, W, b, *solve_args, be, b_be)
-    report("forward", conv, res, max_iter, check)
+    report("forward", conv, res, max_iter, data_check)
     return DynamicStepResult(h_new, it, conv)
 
 

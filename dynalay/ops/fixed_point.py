@@ -393,12 +393,14 @@ def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50
             raise ValueError(f"z0 must have the shape of inj {tuple(inj.shape)} (got {tuple(z0.shape)})")
     args = prepare_solve_args(tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backward, backward_tol,
                               backward_max_iter, backward_solver, phantom_steps, phantom_damping, check)
-    check_finite(check, inj=inj, W=W, z0=z0)
+    traced = tracing(inj, W, z0)
+    data_check = "none" if traced else check  # the data-dependent checks need values
+    check_finite(data_check, inj=inj, W=W, z0=z0)
     op_key = backends.fixed_point_op(B, H, inj.dtype)
     be = backends.select(inj.device, inj.dtype, (solver,), backend, op_key)
     b_solver = args[10]
     b_be = be if b_solver == solver else backends.select(inj.device, inj.dtype, (b_solver,), backend, op_key)
-    op = fixed_point_fwd if tracing(inj, W, z0) else _FixedPointFn
+    op = fixed_point_fwd if traced else _FixedPointFn
     z, it, res, conv = op(inj, W.unsqueeze(0), None, z0, *args, be, b_be)
-    report("forward", conv, res, max_iter, check)
+    report("forward", conv, res, max_iter, data_check)
     return FixedPointResult(z, it, res, conv)
