@@ -1,6 +1,7 @@
 """Fixed-point-iterative layers as ``nn.Module``s."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -40,6 +41,12 @@ def check_spectral_bound(bound) -> Optional[float]:
     return float(bound)
 
 
+def _full_precision(t: Tensor):
+    """A context that turns ``torch.autocast`` off for ``t``'s device type (a no-op elsewhere)."""
+    dt = t.device.type
+    return torch.autocast(dt, enabled=False) if torch.amp.is_autocast_available(dt) else contextlib.nullcontext()
+
+
 class SpectralBound(nn.Module):
     """Keeps ``||W||_2 <= bound`` by rescaling ``W * min(1, bound / sigma(W))``, with ``sigma``
     from power iteration (vectors kept as buffers, one step per training forward, gradients
@@ -66,7 +73,8 @@ class SpectralBound(nn.Module):
 
     def reset(self, W: Tensor, iters: int = 30) -> None:
         """Converge the power iteration for ``W`` (at construction, after loading new weights)."""
-        self._power(W.detach().float() if W.dtype in (torch.float16, torch.bfloat16) else W.detach(), iters)
+        with _full_precision(W):
+            self._power(W.detach().float() if W.dtype in (torch.float16, torch.bfloat16) else W.detach(), iters)
 
     def sigma(self, W: Tensor) -> Tensor:
         u, v = self.u.to(W.dtype), self.v.to(W.dtype)
@@ -74,11 +82,14 @@ class SpectralBound(nn.Module):
 
     def forward(self, W: Tensor) -> Tensor:
         Wf = W.float() if W.dtype in (torch.float16, torch.bfloat16) else W
-        if self.training:
-            self._power(Wf.detach(), self.power_iters)
-        sigma = self.sigma(Wf).clamp_min(1e-12)
-        scale = torch.clamp(self.bound / sigma, max=1.0)
-        return (Wf * scale.unsqueeze(-1).unsqueeze(-1)).to(W.dtype)
+        # sigma in W's precision even under torch.autocast: a bf16 estimate is off by ~0.4%,
+        # enough to break the bound (the solve casts W to the autocast dtype itself)
+        with _full_precision(W):
+            if self.training:
+                self._power(Wf.detach(), self.power_iters)
+            sigma = self.sigma(Wf).clamp_min(1e-12)
+            scale = torch.clamp(self.bound / sigma, max=1.0)
+            return (Wf * scale.unsqueeze(-1).unsqueeze(-1)).to(W.dtype)
 
 
 class FPILayer(nn.Module):

@@ -6,6 +6,8 @@ and are skipped while ``torch.compile`` traces (and when ``check="none"``).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -92,6 +94,43 @@ def cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``t.to(dtype)``, skipping the call (a dispatcher round trip, ~1.5 us) when ``t`` already
     has that dtype; None stays None."""
     return t if (t is None or t.dtype == dtype) else t.to(dtype)
+
+
+def autocast_inputs(device: torch.device, *tensors):
+    """Under ``torch.autocast`` for ``device``'s type, the floating inputs other than float64 go to
+    the autocast dtype, as for a matmul (``torch.library.register_autocast`` does the same for a
+    registered op; the eager path skips the op's dispatcher, so the cast is done here).  The
+    solve still iterates in float32; the output has the autocast dtype.  Outside autocast the
+    inputs are returned unchanged (no dtype promotion: mismatched dtypes stay an error)."""
+    dt = device.type
+    if not (torch.amp.is_autocast_available(dt) and torch.is_autocast_enabled(dt)):
+        return tensors
+    ac = torch.get_autocast_dtype(dt)
+    return tuple(t.to(ac) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype not in (ac, torch.float64)
+                 else t for t in tensors)
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d)))
+
+
+def no_autocast(fn):
+    """Run ``fn`` (an op implementation or backward) with ``torch.autocast`` off.  Autocast passes
+    through a custom op (and the eager path skips the dispatcher), so without this the torch ops
+    inside a solve (the torch backend's matmuls, the phantom steps) would run in bfloat16/float16:
+    the iteration must stay in float32.  Costs one C call (~0.1 us) when autocast is off."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if not _any_autocast():
+            return fn(*args)
+        with contextlib.ExitStack() as stack:
+            for d in ("cpu", "cuda", "xpu", "mps"):
+                if torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d):
+                    stack.enter_context(torch.autocast(d, enabled=False))
+            return fn(*args)
+
+    return wrapper
 
 
 def check_tensor(name: str, t, ndim: int, *, dtype: Optional[torch.dtype] = None,

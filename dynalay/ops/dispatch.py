@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ._common import (cast, check_finite, checks_off, check_tensor, compute_dtype, eager_function,
-                      report, run_solve, tracing)
+from ._common import (autocast_inputs, cast, check_finite, checks_off, check_tensor, compute_dtype, eager_function,
+                      no_autocast, report, run_solve, tracing)
 from .fixed_point import (fused_implicit_grads, grouped_linear, grouped_wgrad, has_fused_backward, implicit_grads,
                           phantom_grads, prepare_solve_args)
 
@@ -131,6 +131,7 @@ def _step_forward(backend: str, h: Tensor, actions: Tensor, U: Tensor, W: Tensor
     return h_new, it, conv, res
 
 
+@no_autocast
 def _dynamic_step_impl(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, tol: float, max_iter: int,
                        solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float, backward: str,
                        b_tol: float, b_max_iter: int, b_solver: str, b_damping: float, b_anderson_m: int,
@@ -163,6 +164,7 @@ def _step_setup(ctx, inputs, output):
     ctx.dtypes = (h.dtype, U.dtype, W.dtype, b.dtype)
 
 
+@no_autocast
 def _step_backward(ctx, g, g_it, g_conv, g_res):
     nones = (None,) * 20
     if g is None:
@@ -217,6 +219,7 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     as in ``dynalay.fixed_point``.
     """
     check_tensor("h", h, 2)
+    h, U, W, b = autocast_inputs(h.device, h, U, W, b)
     B, H = h.shape
     if B == 0:
         raise ValueError("h is an empty batch (B=0): dynamic_step needs at least one row")

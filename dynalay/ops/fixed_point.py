@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .. import backends
 from ._common import (BACKWARDS, CHECKS, SolverConfig, as_op_float, cast, check_choice, check_finite, check_int,
-                      check_tensor, compute_dtype, eager_function, is_real, report, run_solve, tracing)
+                      autocast_inputs, check_tensor, compute_dtype, eager_function, is_real, no_autocast, report,
+                      run_solve, tracing)
 
 # The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
 last_backward_stats: dict = {}
@@ -58,6 +59,7 @@ def _register(name: str, impl):
     return op, call
 
 
+@no_autocast
 def _fixed_point_adjoint_impl(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], tol: float, max_iter: int,
                         solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float,
                         backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -100,6 +102,7 @@ _fixed_point_adjoint_op.register_autograd(_no_double_backward)
 # --------------------------------------------------------------------------------------------
 # dynalay::grouped_wgrad
 # --------------------------------------------------------------------------------------------
+@no_autocast
 def _grouped_wgrad_impl(u: Tensor, x: Tensor, actions: Optional[Tensor], num_layers: int, backend: str) -> Tensor:
     cd = compute_dtype(u.dtype)
     out = backends.get(backend).grouped_wgrad(cast(u, cd), cast(x, cd), actions, num_layers)
@@ -121,6 +124,7 @@ _grouped_wgrad_op.register_autograd(_no_double_backward)
 # --------------------------------------------------------------------------------------------
 # dynalay::grouped_linear (differentiable)
 # --------------------------------------------------------------------------------------------
+@no_autocast
 def _grouped_linear_impl(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, transpose: bool,
                    backend: str) -> Tensor:
     be = backends.get(backend)
@@ -149,6 +153,7 @@ def _gl_setup(ctx, inputs, output):
     ctx.dtypes = (x.dtype, U.dtype, None if b is None else b.dtype)
 
 
+@no_autocast
 def _gl_backward(ctx, gy):
     x, U, actions = ctx.saved_tensors
     L = U.shape[0]
@@ -243,6 +248,7 @@ def phantom_grads(z: Tensor, inj: Tensor, gz: Tensor, W: Tensor, actions: Option
 # --------------------------------------------------------------------------------------------
 # dynalay::fixed_point_fwd (differentiable)
 # --------------------------------------------------------------------------------------------
+@no_autocast
 def _fixed_point_fwd_impl(inj: Tensor, W: Tensor, actions: Optional[Tensor], z0: Optional[Tensor], tol: float,
                     max_iter: int, solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float,
                     backward: str, b_tol: float, b_max_iter: int, b_solver: str, b_damping: float,
@@ -281,6 +287,7 @@ def _fp_setup(ctx, inputs, output):
     ctx.dtypes = (inj.dtype, W.dtype)
 
 
+@no_autocast
 def _fp_backward(ctx, gz, g_it, g_res, g_conv):
     nones = (None,) * 22
     if gz is None:
@@ -381,6 +388,7 @@ def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50
         ``FixedPointResult(z, iters, residual, converged)``.
     """
     check_tensor("inj", inj, 2)
+    inj, W, z0 = autocast_inputs(inj.device, inj, W, z0)
     check_tensor("W", W, 2, dtype=inj.dtype, device=inj.device)
     B, H = inj.shape
     if H == 0:
