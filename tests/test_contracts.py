@@ -307,3 +307,32 @@ def test_autocast_casts_the_inputs_like_a_matmul(backend, gen):
         assert dynalay.dynamic_step(h64, a64, U64, W64, b64, backend=backend).h.dtype == torch.float64
     with pytest.raises(TypeError, match="W has dtype torch.float32 but must match torch.bfloat16"):
         dynalay.fixed_point(inj, W_plain, backend=backend)
+
+
+# ------------------------------------------------------------------ torch.func
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_torch_func_vmap_works_and_grad_says_why_not(backend, gen):
+    """vmap failed deep inside (no batching rule for the NaN scan); now it runs the registered op
+    once per mapped slice, with the results and gradients of a loop.  torch.func.grad/jacrev
+    cannot work (no functorch rule for the implicit backward) and say so, naming the function."""
+    N, B, H, L = 3, 5, 8, 2
+    inj = torch.randn(N, B, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    Ws = torch.stack([make_W(H, 0.8, gen=gen) for _ in range(N)]).requires_grad_()
+    fp = lambda i, w: dynalay.fixed_point(i, w, tol=1e-10, max_iter=200, backend=backend).z  # noqa: E731
+    for in_dims, args in (((0, None), (inj, Ws[0])), ((0, 0), (inj, Ws))):
+        out = torch.func.vmap(fp, in_dims=in_dims)(*args)
+        loop = torch.stack([fp(inj[n], args[1][n] if in_dims[1] == 0 else args[1]) for n in range(N)])
+        assert torch.equal(out, loop)
+        gv = torch.autograd.grad(out.square().sum(), args)
+        gl = torch.autograd.grad(loop.square().sum(), args)
+        for a, b in zip(gv, gl):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    h, a, U, W, b = _step_inputs(gen, B=6, H=8, L=2, dtype=torch.float64)
+    hs = torch.randn(N, 6, 8, generator=gen, dtype=torch.float64)
+    st = lambda h_: dynalay.dynamic_step(h_, a, U, W, b, backend=backend).h  # noqa: E731
+    assert torch.equal(torch.func.vmap(st)(hs), torch.stack([st(x) for x in hs]))
+    for transform in (torch.func.grad, torch.func.jacrev):
+        with pytest.raises(RuntimeError, match="dynalay.fixed_point does not support torch.func.grad"):
+            transform(lambda i: fp(i, Ws[0]).sum())(inj[0].detach())
+    with pytest.raises(RuntimeError, match="dynalay.dynamic_step does not support torch.func.grad"):
+        torch.func.grad(lambda x: st(x).sum())(h)

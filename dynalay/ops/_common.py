@@ -96,6 +96,10 @@ def cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if (t is None or t.dtype == dtype) else t.to(dtype)
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d)))
+
+
 def autocast_inputs(device: torch.device, *tensors):
     """Under ``torch.autocast`` for ``device``'s type, the floating inputs other than float64 go to
     the autocast dtype, as for a matmul (``torch.library.register_autocast`` does the same for a
@@ -103,15 +107,11 @@ def autocast_inputs(device: torch.device, *tensors):
     solve still iterates in float32; the output has the autocast dtype.  Outside autocast the
     inputs are returned unchanged (no dtype promotion: mismatched dtypes stay an error)."""
     dt = device.type
-    if not (torch.amp.is_autocast_available(dt) and torch.is_autocast_enabled(dt)):
+    if not (_any_autocast() and torch.amp.is_autocast_available(dt) and torch.is_autocast_enabled(dt)):
         return tensors
     ac = torch.get_autocast_dtype(dt)
     return tuple(t.to(ac) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype not in (ac, torch.float64)
                  else t for t in tensors)
-
-
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
-    lambda: any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d)))
 
 
 def no_autocast(fn):
@@ -213,6 +213,31 @@ except ImportError:  # pragma: no cover - a torch without it: always take the re
         return True
 
 
+try:
+    from torch._C._functorch import TransformType as _TransformType
+    from torch._C._functorch import peek_interpreter_stack as _functorch_transform
+except ImportError:  # pragma: no cover - older torch
+    _TransformType = None
+
+    def _functorch_transform():
+        return None
+
+
+def check_no_func_grad(name: str) -> None:
+    """torch.func.grad / jacrev / jvp cannot differentiate the ops (their implicit backward is an
+    autograd formula without a functorch rule): say so, instead of torch's message about an
+    autograd.Function the user never wrote.  ``torch.func.vmap`` works (through the registered
+    op: one call per mapped slice)."""
+    if torch.compiler.is_compiling():  # dynamo handles the transforms itself
+        return
+    level = _functorch_transform()
+    if level is not None and _TransformType is not None and level.key() in (_TransformType.Grad,
+                                                                              _TransformType.Jvp):
+        raise RuntimeError(f"dynalay.{name} does not support torch.func.grad/jacrev/jacfwd/jvp (its implicit "
+                           f"backward has no functorch rule): use torch.autograd.grad or .backward(); "
+                           f"torch.func.vmap works, one call per mapped slice")
+
+
 _PLAIN = (Tensor, torch.nn.Parameter)  # what the eager path takes; any other subclass takes the op
 
 
@@ -225,10 +250,10 @@ def checks_off(check: str, *tensors) -> bool:
 
 def tracing(*args) -> bool:
     """Whether a call may be traced: torch.compile, an active dispatch mode (make_fx, opcheck,
-    AOTAutograd), or tensor subclasses (fake, functional) or meta tensors among ``args``.  Then the registered
+    AOTAutograd), a torch.func transform (vmap), or tensor subclasses (fake, functional) or meta tensors among ``args``.  Then the registered
     ops run (their fake kernels make them traceable); otherwise their implementations may be
     called directly (``eager_function``)."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _functorch_transform() is not None:
         return True
     for a in args:  # a loop, not any(<generator>): this runs several times per op call
         if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ._common import (autocast_inputs, cast, check_finite, checks_off, check_tensor, compute_dtype, eager_function,
-                      no_autocast, report, run_solve, tracing)
+from ._common import (autocast_inputs, cast, check_finite, check_no_func_grad, checks_off, check_tensor,
+                      compute_dtype, eager_function, no_autocast, report, run_solve, tracing)
 from .fixed_point import (fused_implicit_grads, grouped_linear, grouped_wgrad, has_fused_backward, implicit_grads,
                           phantom_grads, prepare_solve_args)
 
@@ -218,6 +218,7 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     int64, ``U``, ``W``: ``(L, H, H)``, ``b``: ``(L, H)``.  Solver, backward and check arguments:
     as in ``dynalay.fixed_point``.
     """
+    check_no_func_grad("dynamic_step")
     check_tensor("h", h, 2)
     h, U, W, b = autocast_inputs(h.device, h, U, W, b)
     B, H = h.shape

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import (BACKWARDS, CHECKS, SolverConfig, as_op_float, cast, check_choice, check_finite, check_int,
-                      autocast_inputs, check_tensor, compute_dtype, eager_function, is_real, no_autocast, report,
-                      run_solve, tracing)
+from ._common import (BACKWARDS, CHECKS, SolverConfig, as_op_float, autocast_inputs, cast, check_choice,
+                      check_finite, check_int, check_no_func_grad, check_tensor, compute_dtype, eager_function,
+                      is_real, no_autocast, report, run_solve, tracing)
 
 # The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
 last_backward_stats: dict = {}
@@ -387,6 +387,7 @@ def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50
     Returns:
         ``FixedPointResult(z, iters, residual, converged)``.
     """
+    check_no_func_grad("fixed_point")
     check_tensor("inj", inj, 2)
     inj, W, z0 = autocast_inputs(inj.device, inj, W, z0)
     check_tensor("W", W, 2, dtype=inj.dtype, device=inj.device)
