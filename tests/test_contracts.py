@@ -311,14 +311,17 @@ def test_autocast_casts_the_inputs_like_a_matmul(backend, gen):
 
 # ------------------------------------------------------------------ torch.func
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_torch_func_vmap_works_and_grad_says_why_not(backend, gen):
-    """vmap failed deep inside (no batching rule for the NaN scan); now it runs the registered op
-    once per mapped slice, with the results and gradients of a loop.  torch.func.grad/jacrev
-    cannot work (no functorch rule for the implicit backward) and say so, naming the function."""
+@pytest.mark.parametrize("backward", ["implicit", "phantom"])
+def test_torch_func_transforms(backend, backward, gen):
+    """torch.func failed everywhere: vmap in the NaN scan (no batching rule), grad and jacrev on
+    an autograd.Function without setup_context.  Now vmap runs the registered op once per mapped
+    slice, grad and jacrev run the eager autograd.Function, all equal to a loop / torch.autograd
+    bit for bit; what cannot work (forward mode, grad inside vmap, grad of grad) says so."""
     N, B, H, L = 3, 5, 8, 2
+    kw = dict(tol=1e-10, max_iter=200, backend=backend, backward=backward)
     inj = torch.randn(N, B, H, generator=gen, dtype=torch.float64, requires_grad=True)
     Ws = torch.stack([make_W(H, 0.8, gen=gen) for _ in range(N)]).requires_grad_()
-    fp = lambda i, w: dynalay.fixed_point(i, w, tol=1e-10, max_iter=200, backend=backend).z  # noqa: E731
+    fp = lambda i, w: dynalay.fixed_point(i, w, **kw).z  # noqa: E731
     for in_dims, args in (((0, None), (inj, Ws[0])), ((0, 0), (inj, Ws))):
         out = torch.func.vmap(fp, in_dims=in_dims)(*args)
         loop = torch.stack([fp(inj[n], args[1][n] if in_dims[1] == 0 else args[1]) for n in range(N)])
@@ -327,12 +330,36 @@ def test_torch_func_vmap_works_and_grad_says_why_not(backend, gen):
         gl = torch.autograd.grad(loop.square().sum(), args)
         for a, b in zip(gv, gl):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # grad and jacrev against torch.autograd
+    i0, w0 = inj[0].detach(), Ws[0].detach()
+    got = torch.func.grad(lambda i, w: fp(i, w).square().sum(), argnums=(0, 1))(i0, w0)
+    i_, w_ = i0.clone().requires_grad_(), w0.clone().requires_grad_()
+    ref = torch.autograd.grad(fp(i_, w_).square().sum(), (i_, w_))
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    J = torch.func.jacrev(fp, argnums=(0, 1))(i0[:2], w0)
+    Jr = torch.autograd.functional.jacobian(fp, (i0[:2], w0))
+    assert all(torch.equal(a, b) for a, b in zip(J, Jr))
     h, a, U, W, b = _step_inputs(gen, B=6, H=8, L=2, dtype=torch.float64)
+    st = lambda h_, U_, W_, b_: dynalay.dynamic_step(h_, a, U_, W_, b_, **kw).h  # noqa: E731
     hs = torch.randn(N, 6, 8, generator=gen, dtype=torch.float64)
-    st = lambda h_: dynalay.dynamic_step(h_, a, U, W, b, backend=backend).h  # noqa: E731
-    assert torch.equal(torch.func.vmap(st)(hs), torch.stack([st(x) for x in hs]))
-    for transform in (torch.func.grad, torch.func.jacrev):
-        with pytest.raises(RuntimeError, match="dynalay.fixed_point does not support torch.func.grad"):
-            transform(lambda i: fp(i, Ws[0]).sum())(inj[0].detach())
-    with pytest.raises(RuntimeError, match="dynalay.dynamic_step does not support torch.func.grad"):
-        torch.func.grad(lambda x: st(x).sum())(h)
+    assert torch.equal(torch.func.vmap(st, in_dims=(0, None, None, None))(hs, U, W, b),
+                       torch.stack([st(x, U, W, b) for x in hs]))
+    got = torch.func.grad(lambda *p: st(*p).square().sum(), argnums=(0, 1, 2, 3))(h, U, W, b)
+    ps = [t.clone().requires_grad_() for t in (h, U, W, b)]
+    ref = torch.autograd.grad(st(*ps).square().sum(), ps)
+    assert all(torch.equal(x, y) for x, y in zip(got, ref))
+    # what cannot work says so
+    with pytest.raises(RuntimeError, match="dynalay.fixed_point does not support forward-mode AD"):
+        torch.func.jacfwd(lambda i: fp(i, w0))(i0)
+    with pytest.raises(RuntimeError, match="dynalay.dynamic_step does not support forward-mode AD"):
+        torch.func.jvp(lambda x: st(x, U, W, b), (h,), (h,))
+    with pytest.raises(RuntimeError, match="does not support torch.func.grad inside torch.func.vmap"):
+        torch.func.vmap(torch.func.grad(lambda i: fp(i[None], w0).sum()))(i0)
+    gg = lambda i: torch.func.grad(lambda i: torch.func.grad(lambda j: fp(j, w0).square().sum())(i).sum())(i)  # noqa
+    if backward == "implicit":
+        with pytest.raises(RuntimeError, match="gradients of gradients"):
+            gg(i0)
+    else:  # the phantom steps are torch ops: their gradient in inj differentiates again, as torch.autograd does
+        i_ = i0.clone().requires_grad_()
+        g1, = torch.autograd.grad(fp(i_, w0).square().sum(), i_, create_graph=True)
+        assert torch.equal(gg(i0), torch.autograd.grad(g1.sum(), i_)[0])

@@ -223,19 +223,31 @@ except ImportError:  # pragma: no cover - older torch
         return None
 
 
+def _under(kind) -> bool:
+    """Whether a torch.func transform of ``kind`` (a ``TransformType``) is active at any level."""
+    if _TransformType is None or _functorch_transform() is None:
+        return False
+    return any(i.key() == kind for i in torch._C._functorch.get_interpreter_stack())
+
+
 def check_no_func_grad(name: str) -> None:
-    """torch.func.grad / jacrev / jvp cannot differentiate the ops (their implicit backward is an
-    autograd formula without a functorch rule): say so, instead of torch's message about an
-    autograd.Function the user never wrote.  ``torch.func.vmap`` works (through the registered
-    op: one call per mapped slice)."""
+    """torch.func.grad and jacrev work (the eager autograd.Function has a ``setup_context``);
+    jvp/jacfwd (no forward-mode rule) and grad inside vmap (per-sample gradients: the backward's
+    solver ops have no batching rule for autograd) cannot, and say so instead of a message about
+    an autograd.Function the user never wrote."""
     if torch.compiler.is_compiling():  # dynamo handles the transforms itself
         return
     level = _functorch_transform()
-    if level is not None and _TransformType is not None and level.key() in (_TransformType.Grad,
-                                                                              _TransformType.Jvp):
-        raise RuntimeError(f"dynalay.{name} does not support torch.func.grad/jacrev/jacfwd/jvp (its implicit "
-                           f"backward has no functorch rule): use torch.autograd.grad or .backward(); "
-                           f"torch.func.vmap works, one call per mapped slice")
+    if level is None:
+        return
+    if _under(_TransformType.Jvp):
+        raise RuntimeError(f"dynalay.{name} does not support forward-mode AD (torch.func.jvp/jacfwd, "
+                           f"torch.autograd.forward_ad): its implicit gradient has a backward rule only; "
+                           f"use torch.func.jacrev, torch.func.grad or torch.autograd.grad")
+    if level.key() == _TransformType.Grad and _under(_TransformType.Vmap):
+        raise RuntimeError(f"dynalay.{name} does not support torch.func.grad inside torch.func.vmap "
+                           f"(per-sample gradients); loop over the samples, or use torch.func.jacrev "
+                           f"or torch.autograd.grad outside vmap")
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # what the eager path takes; any other subclass takes the op
@@ -253,8 +265,12 @@ def tracing(*args) -> bool:
     AOTAutograd), a torch.func transform (vmap), or tensor subclasses (fake, functional) or meta tensors among ``args``.  Then the registered
     ops run (their fake kernels make them traceable); otherwise their implementations may be
     called directly (``eager_function``)."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _functorch_transform() is not None:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return True
+    level = _functorch_transform()
+    if level is not None and level.key() != _TransformType.Grad:
+        return True  # vmap (one op call per mapped slice) or functionalize; under grad the eager
+        # autograd.Function (with its setup_context) works
     for a in args:  # a loop, not any(<generator>): this runs several times per op call
         if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):
             return True
@@ -275,16 +291,18 @@ def eager_function(impl, setup, backward, name: str, num_tensor_args: int):
     or no input requires grad) the implementation runs alone."""
     n = num_tensor_args
 
-    def forward(ctx, *args):
-        inputs = args[:n] + args[n]
-        out = impl(*inputs)
-        setup(ctx, inputs, out)
-        return out
+    def forward(*args):
+        return impl(*(args[:n] + args[n]))
+
+    def setup_context(ctx, args, out):  # the separate setup_context makes torch.func.grad work
+        setup(ctx, args[:n] + args[n], out)
 
     def bwd(ctx, *grads):
         return tuple(backward(ctx, *grads)[:n]) + (None,)
 
-    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                 "setup_context": staticmethod(setup_context),
+                                                 "backward": staticmethod(bwd)})
 
     def call(*inputs):
         if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs[:n]):

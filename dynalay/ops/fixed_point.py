@@ -44,16 +44,30 @@ def _res_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # dynalay::fixed_point_adjoint
 # --------------------------------------------------------------------------------------------
-def _register(name: str, impl):
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "dynalay: gradients of gradients through fixed_point / dynamic_step are not supported: the adjoint "
+        "solve (fixed_point_adjoint) and the per-layer weight-gradient reduction (grouped_wgrad) of their "
+        "backward have no derivative of their own. Where they are needed, differentiate an unrolled solve "
+        "written with torch ops")
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+def _register(name: str, impl, num_tensor_args: int, backward=_no_double_backward, setup=_no_setup):
     """Register ``impl`` as the custom op ``dynalay::<name>`` and return (op, call).  ``call`` runs
-    the registered op (traceable, differentiable where registered) whenever anything may trace
-    (``tracing``) or autograd may record, and the bare implementation otherwise: these helper ops
-    are called from backward formulas, where in plain eager neither holds, and there the op's
-    Python layer (~65 us a call) is skipped."""
+    the registered op (traceable) whenever anything may trace (``tracing``), and otherwise the
+    implementation through ``eager_function`` (alone when autograd records nothing; the op's
+    Python layer costs ~65 us a call).  These helper ops run inside backward formulas; with
+    create_graph=True autograd records them and a second differentiation reaches ``backward``
+    (for the solver helpers: a clear error, not torch's "no autograd formula")."""
     op = torch.library.custom_op(f"dynalay::{name}", mutates_args=())(impl)
+    fn = eager_function(impl, setup, backward, f"_{name}_fn", num_tensor_args)
 
     def call(*args):
-        return (op if torch.is_grad_enabled() or tracing(*args) else impl)(*args)
+        return (op if tracing(*args) else fn)(*args)
 
     call.__name__ = name
     return op, call
@@ -73,7 +87,7 @@ def _fixed_point_adjoint_impl(z: Tensor, g: Tensor, W: Tensor, actions: Optional
     return cast(u, cd), it, cast(res, cd), conv
 
 
-_fixed_point_adjoint_op, fixed_point_adjoint = _register("fixed_point_adjoint", _fixed_point_adjoint_impl)
+_fixed_point_adjoint_op, fixed_point_adjoint = _register("fixed_point_adjoint", _fixed_point_adjoint_impl, 4)
 
 
 @_fixed_point_adjoint_op.register_fake
@@ -83,14 +97,6 @@ def _(z, g, W, actions, tol, max_iter, solver, damping, anderson_m, anderson_lam
     B, H = z.shape
     return (z.new_empty(B, H, dtype=cd), z.new_empty(B, dtype=torch.int32), z.new_empty(B, dtype=cd),
             z.new_empty(B, dtype=torch.bool))
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "dynalay: gradients of gradients through fixed_point / dynamic_step are not supported: the adjoint "
-        "solve (fixed_point_adjoint) and the per-layer weight-gradient reduction (grouped_wgrad) of their "
-        "backward have no derivative of their own. Where they are needed, differentiate an unrolled solve "
-        "written with torch ops")
 
 
 # The helper ops run only inside backward formulas.  With create_graph=True autograd records them;
@@ -109,7 +115,7 @@ def _grouped_wgrad_impl(u: Tensor, x: Tensor, actions: Optional[Tensor], num_lay
     return cast(out, cd)
 
 
-_grouped_wgrad_op, grouped_wgrad = _register("grouped_wgrad", _grouped_wgrad_impl)
+_grouped_wgrad_op, grouped_wgrad = _register("grouped_wgrad", _grouped_wgrad_impl, 3)
 
 
 @_grouped_wgrad_op.register_fake
@@ -134,16 +140,6 @@ def _grouped_linear_impl(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Ten
     else:
         y = be.grouped_linear(x, U, b, actions, transpose)
     return y.to(x.dtype)
-
-
-_grouped_linear_op, grouped_linear = _register("grouped_linear", _grouped_linear_impl)
-
-
-@_grouped_linear_op.register_fake
-def _(x, U, b, actions, transpose, backend):
-    torch._check(x.dim() == 2 and U.dim() == 3)
-    N = U.shape[2] if transpose else U.shape[1]
-    return x.new_empty(x.shape[0], N)
 
 
 def _gl_setup(ctx, inputs, output):
@@ -172,7 +168,15 @@ def _gl_backward(ctx, gy):
     return dx, dU, db, None, None, None
 
 
+_grouped_linear_op, grouped_linear = _register("grouped_linear", _grouped_linear_impl, 4, _gl_backward, _gl_setup)
 _grouped_linear_op.register_autograd(_gl_backward, setup_context=_gl_setup)
+
+
+@_grouped_linear_op.register_fake
+def _(x, U, b, actions, transpose, backend):
+    torch._check(x.dim() == 2 and U.dim() == 3)
+    N = U.shape[2] if transpose else U.shape[1]
+    return x.new_empty(x.shape[0], N)
 
 
 # --------------------------------------------------------------------------------------------
