@@ -198,3 +198,37 @@ def test_dynamic_step_captured_in_a_cuda_graph(be, gen):
         assert torch.equal(h_out, ref.h.detach()), kind
         for x, q in zip(grads, qs):
             assert torch.equal(x, q.grad), kind
+
+
+@pytest.mark.parametrize("be", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_on_cuda(be, dtype, gen):
+    """torch.autocast('cuda'): an FPILayer's fp16/bf16 ``U x`` with its fp32 W (a dtype error
+    before); the ops cast the inputs like a matmul, solve in fp32 with autocast off inside, and a
+    backward called in the autocast region equals one outside it."""
+    if backends.not_supported_reasons(be, "cuda", dtype):
+        pytest.skip(f"backend {be} cannot run here")
+    layer = dynalay.nn.FPILayer(24, 64, backend=be).to(DEV).eval()
+    x = torch.randn(300, 24, device=DEV)
+    W = layer.effective_weight()
+    with torch.autocast("cuda", dtype=dtype):
+        z = layer(x)
+        inj = layer.U(x)
+        assert torch.equal(layer.effective_weight(), W)
+    assert z.dtype == dtype and inj.dtype == dtype
+    assert torch.equal(z, dynalay.fixed_point(inj, W.to(dtype), backend=be).z)
+    h, U, Ws, b = [p.to(DEV) for p in make_step_params(200, 32, 3, torch.float32, gen)]
+    a = make_actions("nop50", 200, 3, gen).to(DEV)
+    grads = []
+    for inside in (False, True):
+        ps = [p.clone().requires_grad_() for p in (h, U, Ws, b)]
+        with torch.autocast("cuda", dtype=dtype):
+            out = dynalay.dynamic_step(ps[0], a, *ps[1:], backend=be).h
+            if inside:
+                out.float().square().sum().backward()
+        if not inside:
+            out.float().square().sum().backward()
+        assert out.dtype == dtype
+        grads.append([p.grad for p in ps])
+    for g0, g1 in zip(*grads):
+        assert g0.dtype == torch.float32 and torch.equal(g0, g1)
