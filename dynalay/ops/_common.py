@@ -262,9 +262,9 @@ def checks_off(check: str, *tensors) -> bool:
 
 def tracing(*args) -> bool:
     """Whether a call may be traced: torch.compile, an active dispatch mode (make_fx, opcheck,
-    AOTAutograd), a torch.func transform (vmap), or tensor subclasses (fake, functional) or meta tensors among ``args``.  Then the registered
-    ops run (their fake kernels make them traceable); otherwise their implementations may be
-    called directly (``eager_function``)."""
+    AOTAutograd), torch.func.vmap, or tensor subclasses (fake, functional) or meta tensors among
+    ``args``.  Then the registered ops run (their fake kernels make them traceable); otherwise
+    their implementations may be called directly (``eager_function``)."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return True
     level = _functorch_transform()
