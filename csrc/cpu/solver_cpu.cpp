@@ -217,14 +217,19 @@ inline double dot<float>(const float* __restrict a, const float* __restrict b, i
 template <typename T>
 struct AndersonState {
   int64_t m = 0, H = 0;
+  int64_t cap = 0;  // history in use: m, or min(m, H) without a ridge (see init)
   std::vector<T> X, G;
   std::vector<double> gram;
   std::vector<int64_t> count;
   std::vector<double> prev_gn;
 
-  void init(int64_t n, int64_t m_, int64_t H_) {
+  // Without a ridge (lam = 0) more than H residuals are linearly dependent: the Gram matrix is
+  // singular in exact arithmetic and the mix would follow rounding noise, so at most H pairs are
+  // mixed (as in torch_ref).
+  void init(int64_t n, int64_t m_, int64_t H_, double lam) {
     m = m_;
     H = H_;
+    cap = lam == 0.0 ? std::min(m_, H_) : m_;
     X.assign(static_cast<size_t>(n * m * H), T(0));
     G.assign(static_cast<size_t>(n * m * H), T(0));
     gram.assign(static_cast<size_t>(n * m * m), 0.0);
@@ -261,7 +266,7 @@ struct AndersonState {
         gs[j] = f[j] - z[j];
       }
     }
-    count[r] = std::min<int64_t>(count[r] + 1, m);
+    count[r] = std::min<int64_t>(count[r] + 1, cap);
     const int cnt = static_cast<int>(count[r]);
     sl.resize(cnt);
     for (int q = 0; q < cnt; ++q) sl[q] = ((slot - q) % m + m) % m;
@@ -577,7 +582,7 @@ void solve_packed(at::Tensor C, at::Tensor D, at::Tensor Z, const at::Tensor& M,
     for (int64_t r = 0; r < gn; r += bm) blocks.push_back({l, g0 + r, std::min(bm, gn - r)});
   }
   AndersonState<T> and_state;
-  if (cfg.anderson) and_state.init(n, cfg.m, H);
+  if (cfg.anderson) and_state.init(n, cfg.m, H, cfg.lam);
   const at::Tensor Mc = M.detach();
   TORCH_CHECK(C.is_contiguous() && Z.is_contiguous() && (!D.defined() || D.is_contiguous()),
               "dynalay: internal error: the packed solve needs contiguous buffers");

@@ -28,8 +28,8 @@ Anderson (type II, per row, history ``m``): the step mixes the last ``m`` pairs
 ``g_j``.  The ridge is *relative* to the residual scale (torchdeq's absolute ridge
 stalls once ||g||^2 < lam).  Safeguards: a row whose residual norm grew by more than
 ``ANDERSON_RESTART`` since the previous step restarts its history (plain step), and a
-non-finite or degenerate mix falls back to the plain step.  The small solves run in
-float64.
+non-finite or degenerate mix falls back to the plain step; with ``lam = 0`` at most ``H``
+pairs are mixed (more are linearly dependent).  The small solves run in float64.
 """
 from __future__ import annotations
 
@@ -91,6 +91,9 @@ def _solve_rows(c: Tensor, M: Tensor, d: Optional[Tensor], z0: Optional[Tensor],
         G = torch.zeros(n, m, H, dtype=dt, device=dev)
         count = torch.zeros(n, dtype=torch.long, device=dev)
         prev_gn = torch.full((n,), float("inf"), dtype=dt, device=dev)
+        # without a ridge more than H residuals are linearly dependent (a singular Gram matrix:
+        # the mix would follow rounding noise): mix at most H pairs
+        m_used = min(m, H) if lam == 0 else m
     for k in range(1, max_iter + 1):
         fz = torch.addmm(ca, z, M)
         if adjoint:
@@ -109,7 +112,7 @@ def _solve_rows(c: Tensor, M: Tensor, d: Optional[Tensor], z0: Optional[Tensor],
             count = torch.where(gn > ANDERSON_RESTART * prev_gn, torch.zeros_like(count), count)
             X[:, slot] = z
             G[:, slot] = g
-            count = (count + 1).clamp(max=m)
+            count = (count + 1).clamp(max=m_used)
             prev_gn = gn
             mixed, ok = _anderson_mix(X, G, count, slot, lam, damping)
             z_next = torch.where((ok & ~done)[:, None], mixed, plain)
