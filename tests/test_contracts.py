@@ -332,8 +332,8 @@ def test_autocast_casts_the_inputs_like_a_matmul(backend, gen):
 def test_torch_func_transforms(backend, backward, gen):
     """torch.func failed everywhere: vmap in the NaN scan (no batching rule), grad and jacrev on
     an autograd.Function without setup_context.  Now vmap runs the registered op once per mapped
-    slice, grad and jacrev run the eager autograd.Function, all equal to a loop / torch.autograd
-    bit for bit; what cannot work (forward mode, grad inside vmap, grad of grad) says so."""
+    slice (fixed_point: the mapped dimension folded into the rows, one call), grad and jacrev run
+    the eager autograd.Function, all equal to a loop / torch.autograd; what cannot work (forward mode, grad inside vmap, grad of grad) says so."""
     N, B, H, L = 3, 5, 8, 2
     kw = dict(tol=1e-10, max_iter=200, backend=backend, backward=backward)
     inj = torch.randn(N, B, H, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -342,11 +342,21 @@ def test_torch_func_transforms(backend, backward, gen):
     for in_dims, args in (((0, None), (inj, Ws[0])), ((0, 0), (inj, Ws))):
         out = torch.func.vmap(fp, in_dims=in_dims)(*args)
         loop = torch.stack([fp(inj[n], args[1][n] if in_dims[1] == 0 else args[1]) for n in range(N)])
-        assert torch.equal(out, loop)
+        # one solve over the folded rows: a GEMM of other shape may round differently
+        torch.testing.assert_close(out, loop, rtol=1e-12, atol=1e-12)
         gv = torch.autograd.grad(out.square().sum(), args)
         gl = torch.autograd.grad(loop.square().sum(), args)
         for a, b in zip(gv, gl):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # z0 mapped too, W not mapped while inj is not: statistics as in a loop
+    z0s = 0.1 * torch.randn(N, B, H, generator=gen, dtype=torch.float64)
+    full = lambda i, w, z: dynalay.fixed_point(i, w, z0=z, **kw)  # noqa: E731
+    for in_dims, args in (((0, 0, 0), (inj.detach(), Ws.detach(), z0s)), ((None, 0, 0), (inj[0].detach(), Ws.detach(), z0s))):
+        r = torch.func.vmap(full, in_dims=in_dims)(*args)
+        loop = [full(*[a[n] if d == 0 else a for a, d in zip(args, in_dims)]) for n in range(N)]
+        torch.testing.assert_close(r.z, torch.stack([x.z for x in loop]), rtol=1e-12, atol=1e-12)
+        assert torch.equal(r.iters, torch.stack([x.iters for x in loop]))
+        assert torch.equal(r.converged, torch.stack([x.converged for x in loop]))
     # grad and jacrev against torch.autograd
     i0, w0 = inj[0].detach(), Ws[0].detach()
     got = torch.func.grad(lambda i, w: fp(i, w).square().sum(), argnums=(0, 1))(i0, w0)

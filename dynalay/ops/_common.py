@@ -269,7 +269,7 @@ def tracing(*args) -> bool:
         return True
     level = _functorch_transform()
     if level is not None and level.key() != _TransformType.Grad:
-        return True  # vmap (one op call per mapped slice) or functionalize; under grad the eager
+        return True  # vmap (the registered ops' batching rules or fallback) or functionalize; under grad the eager
         # autograd.Function (with its setup_context) works
     for a in args:  # a loop, not any(<generator>): this runs several times per op call
         if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):

@@ -316,6 +316,33 @@ fixed_point_fwd.register_autograd(_fp_backward, setup_context=_fp_setup)
 _FixedPointFn = eager_function(_fixed_point_fwd_impl, _fp_setup, _fp_backward, "_FixedPointFn", 4)
 
 
+def _fp_vmap(info, in_dims, inj, W, actions, z0, *rest):
+    """torch.func.vmap rule: rows are independent, so the mapped dimension folds into the rows
+    (one call, not one per slice).  A mapped W becomes a stack of layers that each slice's rows
+    select through ``actions``."""
+    N = info.batch_size
+    d_inj, d_W, d_a, d_z0 = in_dims[:4]
+    if d_a is not None or actions is not None or any(d is not None for d in in_dims[4:]):
+        outs = [fixed_point_fwd(*[a.select(d, k) if d is not None else a
+                                  for a, d in zip((inj, W, actions, z0) + rest, in_dims)]) for k in range(N)]
+        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0, 0)
+    inj_b = inj.movedim(d_inj, 0) if d_inj is not None else inj.expand(N, *inj.shape)
+    B, H = inj_b.shape[1], inj_b.shape[2]
+    z0_f = None
+    if z0 is not None:
+        z0_f = (z0.movedim(d_z0, 0) if d_z0 is not None else z0.expand(N, *z0.shape)).reshape(N * B, H)
+    if d_W is None:
+        W_f, acts = W, None
+    else:
+        W_f = W.movedim(d_W, 0).reshape(N, H, H)
+        acts = torch.arange(N, device=inj.device).repeat_interleave(B)
+    z, it, res, conv = fixed_point_fwd(inj_b.reshape(N * B, H), W_f, acts, z0_f, *rest)
+    return (z.view(N, B, H), it.view(N, B), res.view(N, B), conv.view(N, B)), (0, 0, 0, 0)
+
+
+fixed_point_fwd.register_vmap(_fp_vmap)
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
