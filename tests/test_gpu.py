@@ -232,3 +232,20 @@ def test_autocast_on_cuda(be, dtype, gen):
         grads.append([p.grad for p in ps])
     for g0, g1 in zip(*grads):
         assert g0.dtype == torch.float32 and torch.equal(g0, g1)
+
+
+@pytest.mark.parametrize("be", ["torch", "triton", "cuda"])
+def test_vmap_fold_on_cuda(be, gen):
+    """torch.func.vmap over fixed_point folds the mapped dimension into the rows (a mapped W
+    becomes a grouped solve): equal to a loop of solves on each backend."""
+    if backends.not_supported_reasons(be, "cuda", torch.float32):
+        pytest.skip(f"backend {be} cannot run here")
+    N, B, H = 5, 300, 64
+    inj = torch.randn(N, B, H, generator=gen).to(DEV)
+    Ws = torch.stack([make_W(H, 0.9, gen=gen) for _ in range(N)]).to(DEV, torch.float32)
+    f = lambda i, w: dynalay.fixed_point(i, w, backend=be, max_iter=100)  # noqa: E731
+    for in_dims, W in (((0, 0), Ws), ((0, None), Ws[0])):
+        r = torch.func.vmap(f, in_dims=in_dims)(inj, W)
+        loop = [f(inj[k], W[k] if in_dims[1] == 0 else W) for k in range(N)]
+        assert (r.z - torch.stack([x.z for x in loop])).abs().max() < 1e-5
+        assert (r.iters.long() - torch.stack([x.iters for x in loop]).long()).abs().max() <= 1
