@@ -305,10 +305,12 @@ def eager_function(impl, setup, backward, name: str, num_tensor_args: int):
                                                  "backward": staticmethod(bwd)})
 
     def call(*inputs):
-        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs[:n]):
-            # nothing for autograd to record: the implementation alone (Function.apply costs ~10 us)
-            return impl(*inputs)
-        return fn.apply(*inputs[:n], inputs[n:])
+        if torch.is_grad_enabled():
+            for t in inputs[:n]:  # a loop, not any(<generator>): once per op call
+                if t is not None and t.requires_grad:
+                    return fn.apply(*inputs[:n], inputs[n:])
+        # nothing for autograd to record: the implementation alone (Function.apply costs ~10 us)
+        return impl(*inputs)
 
     call.__name__ = name
     return call
