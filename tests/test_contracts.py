@@ -2,6 +2,7 @@
 case that crashed, failed to trace or silently misbehaved before its fix."""
 import math
 import os
+import sys
 import warnings
 
 import pytest
@@ -390,3 +391,56 @@ def test_torch_func_transforms(backend, backward, gen):
         i_ = i0.clone().requires_grad_()
         g1, = torch.autograd.grad(fp(i_, w0).square().sum(), i_, create_graph=True)
         assert torch.equal(gg(i0), torch.autograd.grad(g1.sum(), i_)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_dynamic_step_folds_into_rows(backend, gen):
+    """vmap over dynamic_step ran one step per slice (torch's fallback).  Now the mapped
+    dimension folds into the rows: one step over N*B rows; mapped layers become a stack of N*L
+    layers that each slice's actions index.  Every in_dims pattern equals a loop over the slices:
+    states (to rounding: one GEMM of another shape), iteration counts and flags exactly, and the
+    gradients that flow back through the vmapped output."""
+    N, B, H, L = 3, 6, 8, 2
+    dt = torch.float32 if backend == "triton" else torch.float64
+    tol = 1e-5 if dt == torch.float32 else 1e-12
+    kw = dict(tol=1e-6 if dt == torch.float32 else 1e-10, max_iter=200, backend=backend)
+    hs = torch.randn(N, B, H, generator=gen, dtype=dt)
+    acts = torch.randint(0, L + 1, (N, B), generator=gen)
+    acts[0] = L  # one slice all NOP
+    acts[1, :3] = 0  # a layer skewed
+    params = [make_step_params(B, H, L, dt, gen)[1:] for _ in range(N)]
+    Us, Ws, bs = (torch.stack(t) for t in zip(*params))
+    step = lambda h, a, U, W, b: dynalay.dynamic_step(h, a, U, W, b, **kw)  # noqa: E731
+    full = (hs, acts, Us, Ws, bs)
+    one = (hs[0], acts[1], Us[0], Ws[0], bs[0])
+    calls = 0
+    mod = sys.modules["dynalay.ops.dispatch"]  # the module (dynalay.ops.dispatch is the function)
+    orig = mod._step_forward
+
+    def counting(*a):
+        nonlocal calls
+        calls += 1
+        return orig(*a)
+
+    for in_dims in ((0, None, None, None, None), (0, 0, None, None, None), (None, 0, None, None, None),
+                    (0, 0, None, 0, None), (0, 0, 0, 0, 0), (None, None, 0, None, 0), (0, None, 0, 0, 0)):
+        args = [f if d == 0 else o for f, o, d in zip(full, one, in_dims)]
+        ps = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
+        mod._step_forward, calls = counting, 0
+        try:
+            r = torch.func.vmap(step, in_dims=in_dims)(*ps)
+        finally:
+            mod._step_forward = orig
+        assert calls == 1, in_dims  # one folded step, not one per slice
+        qs = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
+        loop = [step(*[q[n] if d == 0 else q for q, d in zip(qs, in_dims)]) for n in range(N)]
+        ref_h = torch.stack([x.h for x in loop])
+        torch.testing.assert_close(r.h, ref_h, rtol=tol, atol=tol)
+        assert torch.equal(r.iters, torch.stack([x.iters for x in loop])), in_dims
+        assert torch.equal(r.converged, torch.stack([x.converged for x in loop])), in_dims
+        G = torch.randn(N, B, H, generator=gen, dtype=dt)
+        fl = [i for i, p in enumerate(ps) if p.requires_grad]
+        gv = torch.autograd.grad((r.h * G).sum(), [ps[i] for i in fl])
+        gl = torch.autograd.grad((ref_h * G).sum(), [qs[i] for i in fl])
+        for i, x, y in zip(fl, gv, gl):
+            torch.testing.assert_close(x, y, rtol=10 * tol, atol=10 * tol, msg=f"grad {i} for in_dims {in_dims}")

@@ -249,3 +249,24 @@ def test_vmap_fold_on_cuda(be, gen):
         loop = [f(inj[k], W[k] if in_dims[1] == 0 else W) for k in range(N)]
         assert (r.z - torch.stack([x.z for x in loop])).abs().max() < 1e-5
         assert (r.iters.long() - torch.stack([x.iters for x in loop]).long()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("be", ["torch", "triton", "cuda"])
+def test_vmap_dynamic_step_fold_on_cuda(be, gen):
+    """torch.func.vmap over dynamic_step folds the mapped dimension into the rows (mapped layers
+    become a stack of N*L layers): equal to a loop of steps on each backend."""
+    if backends.not_supported_reasons(be, "cuda", torch.float32):
+        pytest.skip(f"backend {be} cannot run here")
+    N, B, H, L = 4, 300, 64, 3
+    hs = torch.randn(N, B, H, generator=gen).to(DEV)
+    acts = torch.randint(0, L + 1, (N, B), generator=gen).to(DEV)
+    params = [make_step_params(B, H, L, torch.float32, gen)[1:] for _ in range(N)]
+    Us, Ws, bs = (torch.stack(t).to(DEV) for t in zip(*params))
+    f = lambda h, a, U, W, b: dynalay.dynamic_step(h, a, U, W, b, backend=be, max_iter=100)  # noqa: E731
+    full, one = (hs, acts, Us, Ws, bs), (hs[0], acts[0], Us[0], Ws[0], bs[0])
+    for in_dims in ((0, 0, None, None, None), (0, 0, 0, 0, 0), (None, 0, None, 0, None)):
+        args = [x if d == 0 else o for x, o, d in zip(full, one, in_dims)]
+        r = torch.func.vmap(f, in_dims=in_dims)(*args)
+        loop = [f(*[x[k] if d == 0 else x for x, d in zip(args, in_dims)]) for k in range(N)]
+        assert (r.h - torch.stack([x.h for x in loop])).abs().max() < 1e-5
+        assert (r.iters.long() - torch.stack([x.iters for x in loop]).long()).abs().max() <= 1

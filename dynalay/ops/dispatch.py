@@ -204,6 +204,36 @@ dynamic_step_op.register_autograd(_step_backward, setup_context=_step_setup)
 _DynamicStepFn = eager_function(_dynamic_step_impl, _step_setup, _step_backward, "_DynamicStepFn", 5)
 
 
+def _step_vmap(info, in_dims, h, actions, U, W, b, *rest):
+    """torch.func.vmap rule: rows are independent, so the mapped dimension folds into the rows
+    (one step over N*B rows, not one per slice).  Mapped layers (any of U, W, b) become a stack
+    of N*L layers; slice k's row with action a < L takes layer k*L + a, NOP stays NOP (N*L), and
+    an action outside [0, L] (passed with check="none") stays outside."""
+    N = info.batch_size
+    d_h, d_a, d_U, d_W, d_b = in_dims[:5]
+
+    def mapped(t, d):
+        return t.movedim(d, 0) if d is not None else t.expand(N, *t.shape)
+
+    h_b = mapped(h, d_h)
+    B, H = h_b.shape[1], h_b.shape[2]
+    a_b = mapped(actions, d_a)
+    L = U.shape[1] if d_U is not None else U.shape[0]
+    if d_U is None and d_W is None and d_b is None:
+        Uf, Wf, bf, af = U, W, b, a_b.reshape(N * B)
+    else:
+        Uf, Wf = mapped(U, d_U).reshape(N * L, H, H), mapped(W, d_W).reshape(N * L, H, H)
+        bf = mapped(b, d_b).reshape(N * L, H)
+        shift = (torch.arange(N, device=a_b.device) * L).unsqueeze(1)
+        af = torch.where((a_b >= 0) & (a_b < L), a_b + shift,
+                         torch.where(a_b == L, torch.full_like(a_b, N * L), torch.full_like(a_b, -1))).reshape(N * B)
+    h_new, it, conv, res = dynamic_step_op(h_b.reshape(N * B, H), af, Uf, Wf, bf, *rest)
+    return (h_new.view(N, B, H), it.view(N, B), conv.view(N, B), res.view(N, B)), (0, 0, 0, 0)
+
+
+dynamic_step_op.register_vmap(_step_vmap)
+
+
 def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *, tol: float = 1e-4,
                  max_iter: int = 50, solver: str = "picard", backward: str = "implicit", damping: float = 1.0,
                  anderson_m: int = 5, anderson_lam: float = 1e-6, eps: float = 1e-12,
