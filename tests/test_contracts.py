@@ -444,3 +444,25 @@ def test_vmap_dynamic_step_folds_into_rows(backend, gen):
         gl = torch.autograd.grad((ref_h * G).sum(), [qs[i] for i in fl])
         for i, x, y in zip(fl, gv, gl):
             torch.testing.assert_close(x, y, rtol=10 * tol, atol=10 * tol, msg=f"grad {i} for in_dims {in_dims}")
+
+
+def test_vmap_ensemble_of_dynamic_steps(gen):
+    """An ensemble of DynamicFPIStep modules through torch.func.stack_module_state +
+    functional_call + vmap (the README's example): one folded step equal to calling each module,
+    and gradients for the stacked parameters equal to each module's own."""
+    import copy
+    from torch.func import functional_call, stack_module_state, vmap
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    ms = [dynalay.nn.DynamicFPIStep(3, 16, dtype=torch.float64) for _ in range(4)]
+    params, buffers = stack_module_state(ms)
+    base = copy.deepcopy(ms[0]).to("meta")
+    h = torch.randn(10, 16, generator=gen, dtype=torch.float64)
+    a = torch.randint(0, 4, (10,), generator=gen)
+    out = vmap(lambda p, bu: functional_call(base, (p, bu), (h, a)).h, in_dims=(0, 0))(params, buffers)
+    refs = [m(h, a).h for m in ms]
+    torch.testing.assert_close(out, torch.stack(refs), rtol=1e-12, atol=1e-12)
+    gs = torch.autograd.grad(out.square().sum(), [params[k] for k in ("U", "W", "b")])
+    for i, (m, r) in enumerate(zip(ms, refs)):
+        gm = torch.autograd.grad(r.square().sum(), [getattr(m, k) for k in ("U", "W", "b")])
+        for x, y in zip(gs, gm):
+            torch.testing.assert_close(x[i], y, rtol=1e-10, atol=1e-10)
