@@ -466,3 +466,36 @@ def test_vmap_ensemble_of_dynamic_steps(gen):
         gm = torch.autograd.grad(r.square().sum(), [getattr(m, k) for k in ("U", "W", "b")])
         for x, y in zip(gs, gm):
             torch.testing.assert_close(x[i], y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_torch_export_with_a_dynamic_batch(backend, gen, tmp_path):
+    """torch.export of a module with an FPILayer and a DynamicFPIStep (the deploy path): the
+    custom ops appear in the graph, a symbolic batch dimension works (fake kernels with static
+    shape formulas), and the program, also saved and loaded, equals the module at other batch
+    sizes, B=1 included."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fpi = dynalay.nn.FPILayer(12, 20, backend=backend)
+            self.step = dynalay.nn.DynamicFPIStep(3, 20, backend=backend)
+
+        def forward(self, x, a):
+            return self.step(self.fpi(x), a).h
+
+    net = Net().eval()
+    x, a = torch.randn(8, 12, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    B = torch.export.Dim("B", min=1)
+    ep = torch.export.export(net, (x, a), dynamic_shapes={"x": {0: B}, "a": {0: B}})
+    code = ep.graph_module.code
+    assert "dynalay.fixed_point_fwd" in code and "dynalay.dynamic_step" in code
+    path = tmp_path / "net.pt2"
+    torch.export.save(ep, str(path))
+    loaded = torch.export.load(str(path))
+    for n in (1, 5, 33):
+        xn, an = torch.randn(n, 12, generator=gen), torch.randint(0, 4, (n,), generator=gen)
+        ref = net(xn, an)
+        assert torch.equal(ep.module()(xn, an), ref)
+        assert torch.equal(loaded.module()(xn, an), ref)
