@@ -230,11 +230,11 @@ def _under(kind) -> bool:
     return any(i.key() == kind for i in torch._C._functorch.get_interpreter_stack())
 
 
-def check_no_func_grad(name: str) -> None:
-    """torch.func.grad and jacrev work (the eager autograd.Function has a ``setup_context``);
-    jvp/jacfwd (no forward-mode rule) and grad inside vmap (per-sample gradients: the backward's
-    solver ops have no batching rule for autograd) cannot, and say so instead of a message about
-    an autograd.Function the user never wrote."""
+def check_func_transforms(name: str) -> None:
+    """torch.func.grad and jacrev work (the eager autograd.Function has a ``setup_context``), and
+    so does grad inside vmap (per-sample gradients: every op and backward helper has a batching
+    rule); jvp/jacfwd (no forward-mode rule) cannot, and say so instead of a message about an
+    autograd.Function the user never wrote."""
     if torch.compiler.is_compiling():  # dynamo handles the transforms itself
         return
     level = _functorch_transform()
@@ -244,20 +244,48 @@ def check_no_func_grad(name: str) -> None:
         raise RuntimeError(f"dynalay.{name} does not support forward-mode AD (torch.func.jvp/jacfwd, "
                            f"torch.autograd.forward_ad): its implicit gradient has a backward rule only; "
                            f"use torch.func.jacrev, torch.func.grad or torch.autograd.grad")
-    if level.key() == _TransformType.Grad and _under(_TransformType.Vmap):
-        raise RuntimeError(f"dynalay.{name} does not support torch.func.grad inside torch.func.vmap "
-                           f"(per-sample gradients); loop over the samples, or use torch.func.jacrev "
-                           f"or torch.autograd.grad outside vmap")
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # what the eager path takes; any other subclass takes the op
 
 
+def under_vmap() -> bool:
+    """Whether a torch.func.vmap is active at any level (also below a grad: per-sample gradients)."""
+    return _under(_TransformType.Vmap) if _TransformType is not None else False
+
+
+def _batched(t: Tensor) -> bool:
+    """Whether ``t`` is a vmap-batched tensor, also inside grad wrappers (``vmap(grad(f))``)."""
+    F = torch._C._functorch
+    while F.is_functorch_wrapped_tensor(t):
+        if F.is_batchedtensor(t):
+            return True
+        t = F.get_unwrapped(t)
+    return False
+
+
+def no_values(*tensors) -> bool:
+    """Whether the values of ``tensors`` cannot be read on the host: torch.compile, an active
+    dispatch mode (make_fx, opcheck, AOTAutograd), functionalize, and fake, meta or vmap-batched
+    tensors (also under ``vmap(grad(f))``, whose innermost level is grad).  Inside a batching rule
+    the tensors are plain again and the values can be read (the rules report convergence)."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return True
+    active = torch._C._are_functorch_transforms_active()
+    if active and _under(_TransformType.Functionalize):
+        return True
+    for a in tensors:  # a loop, not any(<generator>): this runs several times per op call
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta or (active and _batched(a))):
+            return True
+    return False
+
+
 def checks_off(check: str, *tensors) -> bool:
     """Whether the data-dependent checks (a host read of values) are skipped: ``check="none"``,
-    and whenever the values are not there to read: torch.compile, any tracing dispatch mode
-    (make_fx, opcheck, AOTAutograd), fake or other subclass tensors, meta tensors."""
-    return check == "none" or tracing(*tensors)
+    and whenever the values are not there to read (``no_values``): torch.compile, any tracing
+    dispatch mode (make_fx, opcheck, AOTAutograd), torch.func.vmap, fake or other subclass
+    tensors, meta tensors."""
+    return check == "none" or no_values(*tensors)
 
 
 def tracing(*args) -> bool:
@@ -277,7 +305,7 @@ def tracing(*args) -> bool:
     return False
 
 
-def eager_function(impl, setup, backward, name: str, num_tensor_args: int):
+def eager_function(impl, setup, backward, name: str, num_tensor_args: int, vmap_rule=None):
     """A callable with the signature of a custom op that runs the op's implementation,
     setup_context and backward through an ``autograd.Function`` in eager mode.
 
@@ -312,9 +340,13 @@ def eager_function(impl, setup, backward, name: str, num_tensor_args: int):
 
     fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_ctx),
                                                  "backward": staticmethod(bwd)})
-    fn_func = type(name + "Func", (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                               "setup_context": staticmethod(setup_context),
-                                                               "backward": staticmethod(bwd)})
+    members = {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+               "backward": staticmethod(bwd)}
+    if vmap_rule is not None:  # vmap below a grad (per-sample gradients): the op's batching rule
+        def vmap(info, in_dims, *args):
+            return vmap_rule(info, tuple(in_dims[:n]) + (None,) * len(args[n]), *(args[:n] + args[n]))
+        members["vmap"] = staticmethod(vmap)
+    fn_func = type(name + "Func", (torch.autograd.Function,), members)
     transforms_active = torch._C._are_functorch_transforms_active
 
     def call(*inputs):
@@ -323,6 +355,8 @@ def eager_function(impl, setup, backward, name: str, num_tensor_args: int):
                 if t is not None and t.requires_grad:
                     f = fn_func if transforms_active() else fn
                     return f.apply(*inputs[:n], inputs[n:])
+        if vmap_rule is not None and transforms_active():  # batched inputs: the batching rule
+            return fn_func.apply(*inputs[:n], inputs[n:])
         # nothing for autograd to record: the implementation alone (Function.apply costs ~10 us)
         return impl(*inputs)
 

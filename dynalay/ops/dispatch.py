@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ._common import (autocast_inputs, cast, check_finite, check_no_func_grad, checks_off, check_tensor,
+from ._common import (autocast_inputs, cast, check_finite, check_func_transforms, checks_off, check_tensor,
                       compute_dtype, eager_function, no_autocast, report, run_solve, tracing)
-from .fixed_point import (fused_implicit_grads, grouped_linear, grouped_wgrad, has_fused_backward, implicit_grads,
-                          phantom_grads, prepare_solve_args)
+from .fixed_point import (fold_for_vmap, fused_implicit_grads, grouped_linear, grouped_wgrad, has_fused_backward,
+                          implicit_grads, phantom_grads, prepare_solve_args)
 
 
 class Routing(NamedTuple):
@@ -201,37 +201,21 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
 
 
 dynamic_step_op.register_autograd(_step_backward, setup_context=_step_setup)
-_DynamicStepFn = eager_function(_dynamic_step_impl, _step_setup, _step_backward, "_DynamicStepFn", 5)
 
 
 def _step_vmap(info, in_dims, h, actions, U, W, b, *rest):
-    """torch.func.vmap rule: rows are independent, so the mapped dimension folds into the rows
-    (one step over N*B rows, not one per slice).  Mapped layers (any of U, W, b) become a stack
-    of N*L layers; slice k's row with action a < L takes layer k*L + a, NOP stays NOP (N*L), and
-    an action outside [0, L] (passed with check="none") stays outside."""
+    """torch.func.vmap rule (``fold_for_vmap``): one step over the N*B folded rows; mapped layers
+    (any of U, W, b) become a stack of N*L layers indexed by the shifted actions."""
     N = info.batch_size
-    d_h, d_a, d_U, d_W, d_b = in_dims[:5]
-
-    def mapped(t, d):
-        return t.movedim(d, 0) if d is not None else t.expand(N, *t.shape)
-
-    h_b = mapped(h, d_h)
-    B, H = h_b.shape[1], h_b.shape[2]
-    a_b = mapped(actions, d_a)
-    L = U.shape[1] if d_U is not None else U.shape[0]
-    if d_U is None and d_W is None and d_b is None:
-        Uf, Wf, bf, af = U, W, b, a_b.reshape(N * B)
-    else:
-        Uf, Wf = mapped(U, d_U).reshape(N * L, H, H), mapped(W, d_W).reshape(N * L, H, H)
-        bf = mapped(b, d_b).reshape(N * L, H)
-        shift = (torch.arange(N, device=a_b.device) * L).unsqueeze(1)
-        af = torch.where((a_b >= 0) & (a_b < L), a_b + shift,
-                         torch.where(a_b == L, torch.full_like(a_b, N * L), torch.full_like(a_b, -1))).reshape(N * B)
-    h_new, it, conv, res = dynamic_step_op(h_b.reshape(N * B, H), af, Uf, Wf, bf, *rest)
-    return (h_new.view(N, B, H), it.view(N, B), conv.view(N, B), res.view(N, B)), (0, 0, 0, 0)
+    (h_f,), (U_f, W_f, b_f), a_f, B = fold_for_vmap(N, [(h, in_dims[0])], [(U, in_dims[2]), (W, in_dims[3]),
+                                                                        (b, in_dims[4])], actions, in_dims[1])
+    h_new, it, conv, res = dynamic_step_op(h_f, a_f, U_f, W_f, b_f, *rest)
+    report("forward", conv, res, rest[1], rest[17])  # the values exist here (the public call's report cannot read them)
+    return (h_new.unflatten(0, (N, B)), it.view(N, B), conv.view(N, B), res.view(N, B)), (0, 0, 0, 0)
 
 
 dynamic_step_op.register_vmap(_step_vmap)
+_DynamicStepFn = eager_function(_dynamic_step_impl, _step_setup, _step_backward, "_DynamicStepFn", 5, _step_vmap)
 
 
 def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *, tol: float = 1e-4,
@@ -248,7 +232,7 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     int64, ``U``, ``W``: ``(L, H, H)``, ``b``: ``(L, H)``.  Solver, backward and check arguments:
     as in ``dynalay.fixed_point``.
     """
-    check_no_func_grad("dynamic_step")
+    check_func_transforms("dynamic_step")
     check_tensor("h", h, 2)
     h, U, W, b = autocast_inputs(h.device, h, U, W, b)
     B, H = h.shape

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from .. import backends
 from ._common import (BACKWARDS, CHECKS, SolverConfig, as_op_float, autocast_inputs, cast, check_choice,
-                      check_finite, check_int, check_no_func_grad, check_tensor, compute_dtype, eager_function,
-                      is_real, no_autocast, report, run_solve, tracing)
+                      check_finite, check_int, check_func_transforms, check_tensor, compute_dtype, eager_function,
+                      is_real, no_autocast, no_values, report, run_solve, tracing, under_vmap)
 
 # The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
 last_backward_stats: dict = {}
@@ -56,15 +56,17 @@ def _no_setup(ctx, inputs, output):
     pass
 
 
-def _register(name: str, impl, num_tensor_args: int, backward=_no_double_backward, setup=_no_setup):
-    """Register ``impl`` as the custom op ``dynalay::<name>`` and return (op, call).  ``call`` runs
-    the registered op (traceable) whenever anything may trace (``tracing``), and otherwise the
-    implementation through ``eager_function`` (alone when autograd records nothing; the op's
-    Python layer costs ~65 us a call).  These helper ops run inside backward formulas; with
-    create_graph=True autograd records them and a second differentiation reaches ``backward``
-    (for the solver helpers: a clear error, not torch's "no autograd formula")."""
+def _register(name: str, impl, num_tensor_args: int, vmap_rule, backward=_no_double_backward, setup=_no_setup):
+    """Register ``impl`` as the custom op ``dynalay::<name>`` with its batching rule and return
+    (op, call).  ``call`` runs the registered op (traceable) whenever anything may trace
+    (``tracing``), and otherwise the implementation through ``eager_function`` (alone when
+    autograd records nothing; the op's Python layer costs ~65 us a call).  These helper ops run
+    inside backward formulas; with create_graph=True autograd records them and a second
+    differentiation reaches ``backward`` (for the solver helpers: a clear error, not torch's "no
+    autograd formula")."""
     op = torch.library.custom_op(f"dynalay::{name}", mutates_args=())(impl)
-    fn = eager_function(impl, setup, backward, f"_{name}_fn", num_tensor_args)
+    op.register_vmap(vmap_rule)
+    fn = eager_function(impl, setup, backward, f"_{name}_fn", num_tensor_args, vmap_rule)
 
     def call(*args):
         return (op if tracing(*args) else fn)(*args)
@@ -73,10 +75,55 @@ def _register(name: str, impl, num_tensor_args: int, backward=_no_double_backwar
     return op, call
 
 
+# torch.func.vmap: rows are independent, so the mapped dimension folds into the rows
+def _slices(t: Tensor, d: Optional[int], N: int) -> Tensor:
+    return t.movedim(d, 0) if d is not None else t.expand(N, *t.shape)
+
+
+def fold_for_vmap(N: int, rows, layers, actions: Optional[Tensor], a_dim: Optional[int],
+                  per_slice_groups: Optional[int] = None):
+    """The batching rule of every grouped op: N slices of B rows become one call on N*B rows.
+    ``rows``/``layers``: lists of (tensor or None, in_dim), per slice (B, ...) and (L, ...).  When
+    a layer tensor is mapped, or an output reduced per group must come out per slice (the weight
+    gradients: ``per_slice_groups`` = L), the groups of the slices are kept apart: layers stacked
+    (N*L), slice k's action a < L becomes k*L + a, NOP (a = L) becomes N*L and an action outside
+    [0, L] (passed with check="none") -1, so both keep their meaning.  Returns (rows, layers,
+    actions, B)."""
+    rows_f, B = [], None
+    for t, d in rows:
+        if t is not None:
+            t = _slices(t, d, N)
+            B = t.shape[1]
+            t = t.flatten(0, 1)
+        rows_f.append(t)
+    a_b = None if actions is None else _slices(actions, a_dim, N)
+    if per_slice_groups is None and all(d is None for t, d in layers if t is not None):
+        return rows_f, [t for t, _ in layers], None if a_b is None else a_b.flatten(), B
+    layers_s = [None if t is None else _slices(t, d, N) for t, d in layers]  # (N, L, ...)
+    L = per_slice_groups or next(t.shape[1] for t in layers_s if t is not None)
+    layers_f = [None if t is None else t.flatten(0, 1) for t in layers_s]
+    if a_b is None:  # one layer: each slice's rows take their slice's copy
+        a_b = torch.zeros(N, B, dtype=torch.int64, device=rows_f[0].device)
+    shift = (torch.arange(N, device=a_b.device) * L).unsqueeze(1)
+    a_f = torch.where((a_b >= 0) & (a_b < L), a_b + shift,
+                      torch.where(a_b == L, torch.full_like(a_b, N * L), torch.full_like(a_b, -1)))
+    return rows_f, layers_f, a_f.flatten(), B
+
+
+def _adjoint_vmap(info, in_dims, z, g, W, actions, *rest):
+    N = info.batch_size
+    (z_f, g_f), (W_f,), a_f, B = fold_for_vmap(N, [(z, in_dims[0]), (g, in_dims[1])], [(W, in_dims[2])], actions,
+                                               in_dims[3])
+    u, it, res, conv = _fixed_point_adjoint_op(z_f, g_f, W_f, a_f, *rest)
+    report("backward (adjoint)", conv, res, rest[1], rest[8] if len(rest) > 8 else "none")
+    return (u.unflatten(0, (N, B)), it.view(N, B), res.view(N, B), conv.view(N, B)), (0, 0, 0, 0)
+
+
 @no_autocast
 def _fixed_point_adjoint_impl(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], tol: float, max_iter: int,
                         solver: str, damping: float, anderson_m: int, anderson_lam: float, eps: float,
-                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                        backend: str, check: str = "none") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    # check: read only by the batching rule, which reports convergence where the values exist
     cd = compute_dtype(z.dtype)
     cfg = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps)
     if backend == "triton":  # d = 1 - z*^2 inside the kernel
@@ -87,11 +134,12 @@ def _fixed_point_adjoint_impl(z: Tensor, g: Tensor, W: Tensor, actions: Optional
     return cast(u, cd), it, cast(res, cd), conv
 
 
-_fixed_point_adjoint_op, fixed_point_adjoint = _register("fixed_point_adjoint", _fixed_point_adjoint_impl, 4)
+_fixed_point_adjoint_op, fixed_point_adjoint = _register("fixed_point_adjoint", _fixed_point_adjoint_impl, 4,
+                                                           _adjoint_vmap)
 
 
 @_fixed_point_adjoint_op.register_fake
-def _(z, g, W, actions, tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backend):
+def _(z, g, W, actions, tol, max_iter, solver, damping, anderson_m, anderson_lam, eps, backend, check="none"):
     torch._check(z.dim() == 2 and g.shape == z.shape)
     cd = compute_dtype(z.dtype)
     B, H = z.shape
@@ -115,7 +163,15 @@ def _grouped_wgrad_impl(u: Tensor, x: Tensor, actions: Optional[Tensor], num_lay
     return cast(out, cd)
 
 
-_grouped_wgrad_op, grouped_wgrad = _register("grouped_wgrad", _grouped_wgrad_impl, 3)
+def _wgrad_vmap(info, in_dims, u, x, actions, num_layers, backend):
+    N = info.batch_size  # the reduction per group comes out per slice: N*num_layers groups
+    (u_f, x_f), _, a_f, _ = fold_for_vmap(N, [(u, in_dims[0]), (x, in_dims[1])], [], actions, in_dims[2],
+                                          per_slice_groups=num_layers)
+    out = _grouped_wgrad_op(u_f, x_f, a_f, N * num_layers, backend)
+    return out.unflatten(0, (N, num_layers)), 0
+
+
+_grouped_wgrad_op, grouped_wgrad = _register("grouped_wgrad", _grouped_wgrad_impl, 3, _wgrad_vmap)
 
 
 @_grouped_wgrad_op.register_fake
@@ -168,7 +224,15 @@ def _gl_backward(ctx, gy):
     return dx, dU, db, None, None, None
 
 
-_grouped_linear_op, grouped_linear = _register("grouped_linear", _grouped_linear_impl, 4, _gl_backward, _gl_setup)
+def _gl_vmap(info, in_dims, x, U, b, actions, transpose, backend):
+    N = info.batch_size
+    (x_f,), (U_f, b_f), a_f, B = fold_for_vmap(N, [(x, in_dims[0])], [(U, in_dims[1]), (b, in_dims[2])], actions,
+                                               in_dims[3])
+    return _grouped_linear_op(x_f, U_f, b_f, a_f, transpose, backend).unflatten(0, (N, B)), 0
+
+
+_grouped_linear_op, grouped_linear = _register("grouped_linear", _grouped_linear_impl, 4, _gl_vmap, _gl_backward,
+                                                   _gl_setup)
 _grouped_linear_op.register_autograd(_gl_backward, setup_context=_gl_setup)
 
 
@@ -192,8 +256,8 @@ def _apply_W(z: Tensor, W: Tensor, actions: Optional[Tensor], transpose: bool, b
 def implicit_grads(z: Tensor, gz: Tensor, W: Tensor, actions: Optional[Tensor], bcfg: Tuple, check: str,
                    backend: str, want_W: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """IFT: u = d*(g + u W), dinj = u, dW[l] = sum u^T z.  Returns (u, dW) in the compute dtype."""
-    u, it, res, conv = fixed_point_adjoint(z, gz, W, actions, *bcfg, backend)
-    if not tracing(it):
+    u, it, res, conv = fixed_point_adjoint(z, gz, W, actions, *bcfg, backend, check)
+    if not no_values(it):
         last_backward_stats.update(iters=it, residual=res, converged=conv)
     report("backward (adjoint)", conv, res, bcfg[1], check)
     dW = grouped_wgrad(u, z, actions, W.shape[0], backend) if want_W else None
@@ -205,7 +269,7 @@ def has_fused_backward(backend: str) -> bool:
     DYNALAY_CUDA_FUSED=0).  Only without ``create_graph``: with it the generic path runs, whose
     ops have no derivative and say so, where the fused call's outputs would silently be
     constants."""
-    return not torch.is_grad_enabled() and hasattr(backends.get(backend), "implicit_backward")
+    return not torch.is_grad_enabled() and not under_vmap() and hasattr(backends.get(backend), "implicit_backward")
 
 
 def fused_implicit_grads(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], h: Optional[Tensor],
@@ -216,7 +280,7 @@ def fused_implicit_grads(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tens
     ``implicit_grads``.  dx is dinj (0 on NOP rows) for fixed_point; with ``h, U``
     (dynamic_step) it is dh (g on NOP rows)."""
     dx, dW, dU, db, it, res, conv = backends.get(backend).implicit_backward(z, g, W, actions, h, U, *wants, *bcfg)
-    if not tracing(it):
+    if not no_values(it):
         last_backward_stats.update(iters=it, residual=res, converged=conv)
     report("backward (adjoint)", conv, res, bcfg[1], check)
     return dx, dW, dU, db
@@ -313,34 +377,20 @@ def _fp_backward(ctx, gz, g_it, g_res, g_conv):
 
 
 fixed_point_fwd.register_autograd(_fp_backward, setup_context=_fp_setup)
-_FixedPointFn = eager_function(_fixed_point_fwd_impl, _fp_setup, _fp_backward, "_FixedPointFn", 4)
-
 
 def _fp_vmap(info, in_dims, inj, W, actions, z0, *rest):
-    """torch.func.vmap rule: rows are independent, so the mapped dimension folds into the rows
-    (one call, not one per slice).  A mapped W becomes a stack of layers that each slice's rows
-    select through ``actions``."""
+    """torch.func.vmap rule (``fold_for_vmap``): one solve over the folded rows; a mapped W
+    becomes a stack of layers that each slice's rows select through ``actions``."""
     N = info.batch_size
-    d_inj, d_W, d_a, d_z0 = in_dims[:4]
-    if d_a is not None or actions is not None or any(d is not None for d in in_dims[4:]):
-        outs = [fixed_point_fwd(*[a.select(d, k) if d is not None else a
-                                  for a, d in zip((inj, W, actions, z0) + rest, in_dims)]) for k in range(N)]
-        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0, 0)
-    inj_b = inj.movedim(d_inj, 0) if d_inj is not None else inj.expand(N, *inj.shape)
-    B, H = inj_b.shape[1], inj_b.shape[2]
-    z0_f = None
-    if z0 is not None:
-        z0_f = (z0.movedim(d_z0, 0) if d_z0 is not None else z0.expand(N, *z0.shape)).reshape(N * B, H)
-    if d_W is None:
-        W_f, acts = W, None
-    else:
-        W_f = W.movedim(d_W, 0).reshape(N, H, H)
-        acts = torch.arange(N, device=inj.device).repeat_interleave(B)
-    z, it, res, conv = fixed_point_fwd(inj_b.reshape(N * B, H), W_f, acts, z0_f, *rest)
-    return (z.view(N, B, H), it.view(N, B), res.view(N, B), conv.view(N, B)), (0, 0, 0, 0)
+    (inj_f, z0_f), (W_f,), a_f, B = fold_for_vmap(N, [(inj, in_dims[0]), (z0, in_dims[3])], [(W, in_dims[1])],
+                                                  actions, in_dims[2])
+    z, it, res, conv = fixed_point_fwd(inj_f, W_f, a_f, z0_f, *rest)
+    report("forward", conv, res, rest[1], rest[17])  # the values exist here (the public call's report cannot read them)
+    return (z.unflatten(0, (N, B)), it.view(N, B), res.view(N, B), conv.view(N, B)), (0, 0, 0, 0)
 
 
 fixed_point_fwd.register_vmap(_fp_vmap)
+_FixedPointFn = eager_function(_fixed_point_fwd_impl, _fp_setup, _fp_backward, "_FixedPointFn", 4, _fp_vmap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +468,7 @@ def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50
     Returns:
         ``FixedPointResult(z, iters, residual, converged)``.
     """
-    check_no_func_grad("fixed_point")
+    check_func_transforms("fixed_point")
     check_tensor("inj", inj, 2)
     inj, W, z0 = autocast_inputs(inj.device, inj, W, z0)
     check_tensor("W", W, 2, dtype=inj.dtype, device=inj.device)
