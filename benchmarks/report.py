@@ -327,11 +327,42 @@ def dispatch_sections(entries: List[dict], R: Ratios) -> List[str]:
     return out
 
 
+def func_sections(entries: List[dict]) -> List[str]:
+    """bench_func.py: the batching rules against a loop per slice (no issue target: informative)."""
+    ps = index(entries, "func", ("case", "provider", "backend", "N", "mode"))
+    if not ps:
+        return []
+    out = ["## torch.func: batching rules (one folded call) vs a loop per slice: median ms", ""]
+    rows = sorted({(k[2], k[3]) for k in ps if k[0] == "per_sample_grad"})
+    if rows:
+        out += ["Per-sample gradients, `vmap(grad(f))` over N samples of a `fixed_point` layer (H = 64, shared W) "
+                "against loops over the samples:", "",
+                "| backend | N | vmap(grad) | loop of grad | loop of autograd.grad | loops / vmap |",
+                "|---|---|---|---|---|---|"]
+        for be, N in rows:
+            v, lp, la = (med(ps.get(("per_sample_grad", p, be, N, None))) for p in ("vmap", "loop", "loop_autograd"))
+            out.append(f"| {be} | {N} | {fmt_ms(v)} | {fmt_ms(lp)} | {fmt_ms(la)} | "
+                       f"{fmt_x(ratio(lp, v), 1)} / {fmt_x(ratio(la, v), 1)} |")
+        out.append("")
+    modes = sorted({k[4] for k in ps if k[0] == "ensemble_step"})
+    if modes:
+        e = next(x for x in entries if x.get("case") == "ensemble_step")
+        out += [f"`vmap` of `dynamic_step` over an ensemble of E = {e.get('E')} layer sets (U, W, b mapped; "
+                f"B = {e.get('B')} rows each, H = {e.get('H')}, L = {e.get('L')}, cpp) against a loop over the members:",
+                "", "| mode | vmap | loop | loop / vmap |", "|---|---|---|---|"]
+        for m in modes:
+            v, lp = med(ps.get(("ensemble_step", "vmap", "cpp", None, m))), med(ps.get(("ensemble_step", "loop", "cpp",
+                                                                                      None, m)))
+            out.append(f"| {m} | {fmt_ms(v)} | {fmt_ms(lp)} | {fmt_x(ratio(lp, v))} |")
+        out.append("")
+    return out
+
+
 def build_report(json_path: Path) -> str:
     data, entries = load(json_path)
     R = Ratios()
     body = header(data, entries, json_path)
-    sections = fixed_point_sections(entries, R) + dispatch_sections(entries, R)
+    sections = fixed_point_sections(entries, R) + dispatch_sections(entries, R) + func_sections(entries)
     if not entries:
         body += ["**No benchmark entries in this file** (was it written with --benchmark-disable?)", ""]
     body += ["## Ratios the issues ask for", ""]

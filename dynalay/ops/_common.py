@@ -272,7 +272,7 @@ def no_values(*tensors) -> bool:
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return True
     active = torch._C._are_functorch_transforms_active()
-    if active and _under(_TransformType.Functionalize):
+    if active and _TransformType is not None and _under(_TransformType.Functionalize):
         return True
     for a in tensors:  # a loop, not any(<generator>): this runs several times per op call
         if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta or (active and _batched(a))):
