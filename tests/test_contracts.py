@@ -525,3 +525,20 @@ def test_torch_export_with_a_dynamic_batch(backend, gen, tmp_path):
         ref = net(xn, an)
         assert torch.equal(ep.module()(xn, an), ref)
         assert torch.equal(loaded.module()(xn, an), ref)
+
+
+def test_compiled_vmap_uses_the_batching_rule(gen):
+    """torch.compile(fullgraph=True) over torch.func.vmap of fixed_point and dynamic_step: no graph
+    break, equal to the eager vmap (its batching rules)."""
+    torch._dynamo.reset()
+    H, L = 8, 2
+    W = make_W(H, 0.8, gen=gen)
+    x = torch.randn(4, 3, H, generator=gen, dtype=torch.float64)
+    f = lambda i: dynalay.fixed_point(i, W, tol=1e-10, max_iter=200).z  # noqa: E731
+    torch.testing.assert_close(torch.compile(torch.func.vmap(f), fullgraph=True)(x), torch.func.vmap(f)(x),
+                               rtol=1e-12, atol=1e-12)
+    h, a, U, Ws, b = _step_inputs(gen, B=5, H=H, L=L, dtype=torch.float64)
+    hs = torch.randn(4, 5, H, generator=gen, dtype=torch.float64)
+    st = lambda x_: dynalay.dynamic_step(x_, a, U, Ws, b, tol=1e-10, max_iter=200).h  # noqa: E731
+    torch.testing.assert_close(torch.compile(torch.func.vmap(st), fullgraph=True)(hs), torch.func.vmap(st)(hs),
+                               rtol=1e-12, atol=1e-12)
