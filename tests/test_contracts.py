@@ -542,3 +542,32 @@ def test_compiled_vmap_uses_the_batching_rule(gen):
     st = lambda x_: dynalay.dynamic_step(x_, a, U, Ws, b, tol=1e-10, max_iter=200).h  # noqa: E731
     torch.testing.assert_close(torch.compile(torch.func.vmap(st), fullgraph=True)(hs), torch.func.vmap(st)(hs),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_nested_vmap_and_ensemble_per_sample_grads(backend, gen):
+    """Transforms nest: vmap(vmap(.)) with layers mapped at both levels (the inner fold's actions
+    are folded again), and per-sample gradients inside an ensemble vmap; equal to loops."""
+    H, B, L = 6, 5, 2
+    kw = dict(tol=1e-12, max_iter=300, backend=backend)
+    Ws = torch.stack([torch.stack([make_W(H, 0.8, gen=gen) for _ in range(3)]) for _ in range(2)])
+    x = torch.randn(2, 3, 4, H, generator=gen, dtype=torch.float64)
+    f = lambda i, w: dynalay.fixed_point(i, w, **kw).z  # noqa: E731
+    ref = torch.stack([torch.stack([f(x[p, q], Ws[p, q]) for q in range(3)]) for p in range(2)])
+    torch.testing.assert_close(torch.func.vmap(torch.func.vmap(f))(x, Ws), ref, rtol=1e-12, atol=1e-12)
+    P = [[make_step_params(B, H, L, torch.float64, gen) for _ in range(3)] for _ in range(2)]
+    hs, Us, W2, bs = (torch.stack([torch.stack([p[k] for p in row]) for row in P]) for k in range(4))
+    a = torch.randint(0, L + 1, (2, 3, B), generator=gen)
+    st = lambda h_, a_, U_, W_, b_: dynalay.dynamic_step(h_, a_, U_, W_, b_, **kw).h  # noqa: E731
+    ref = torch.stack([torch.stack([st(hs[p, q], a[p, q], Us[p, q], W2[p, q], bs[p, q]) for q in range(3)])
+                       for p in range(2)])
+    torch.testing.assert_close(torch.func.vmap(torch.func.vmap(st))(hs, a, Us, W2, bs), ref, rtol=1e-12,
+                               atol=1e-12)
+
+    def loss(U_, W_, b_, h_, a_):
+        return dynalay.dynamic_step(h_[None], a_[None], U_, W_, b_, **kw).h.square().sum()
+    psg = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2)), in_dims=(None, None, None, 0, 0))
+    ens = torch.func.vmap(psg)(Us[0], W2[0], bs[0], hs[0], a[0])
+    loop = [psg(Us[0, q], W2[0, q], bs[0, q], hs[0, q], a[0, q]) for q in range(3)]
+    for k in range(3):
+        torch.testing.assert_close(ens[k], torch.stack([r[k] for r in loop]), rtol=1e-12, atol=1e-12)
