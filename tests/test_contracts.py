@@ -571,3 +571,37 @@ def test_nested_vmap_and_ensemble_per_sample_grads(backend, gen):
     loop = [psg(Us[0, q], W2[0, q], bs[0, q], hs[0, q], a[0, q]) for q in range(3)]
     for k in range(3):
         torch.testing.assert_close(ens[k], torch.stack([r[k] for r in loop]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_is_caught_under_vmap(backend, gen):
+    """Under vmap the public call cannot read batched values, so the batching rules run the data
+    checks: out-of-range actions and NaN inputs give the same errors as without vmap (also under
+    vmap(grad)), and check="none" lets them through as it does without vmap."""
+    B, H, L = 5, 6, 2
+    dt = torch.float32 if backend == "triton" else torch.float64
+    h, U, W, b = make_step_params(B, H, L, dt, gen)
+    hs = torch.randn(3, B, H, generator=gen, dtype=dt)
+    a = torch.randint(0, L + 1, (3, B), generator=gen)
+    st = lambda h_, a_, U_, W_, b_: dynalay.dynamic_step(h_, a_, U_, W_, b_, backend=backend).h  # noqa: E731
+    bad_a = a.clone()
+    bad_a[1, 2] = L + 3
+    Us, Ws, bs = U.expand(3, -1, -1, -1), W.expand(3, -1, -1, -1), b.expand(3, -1, -1)
+    for dims, args in (((0, 0, None, None, None), (hs, bad_a, U, W, b)), ((0, 0, 0, 0, 0), (hs, bad_a, Us, Ws, bs))):
+        with pytest.raises(ValueError, match=r"actions must lie in \[0, 2\]"):
+            torch.func.vmap(st, in_dims=dims)(*args)
+    nan_h = hs.clone()
+    nan_h[2, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match="h contains NaN or Inf"):
+        torch.func.vmap(st, in_dims=(0, None, None, None, None))(nan_h, a[0], U, W, b)
+    with pytest.raises(ValueError, match="inj contains NaN or Inf"):
+        torch.func.vmap(lambda x: dynalay.fixed_point(x, W[0], backend=backend).z)(nan_h)
+
+    def loss(U_, W_, b_, x, ai):
+        return dynalay.dynamic_step(x[None], ai[None], U_, W_, b_, backend=backend).h.sum()
+    with pytest.raises(ValueError, match="h contains NaN or Inf"):
+        torch.func.vmap(torch.func.grad(loss), in_dims=(None, None, None, 0, 0))(U, W, b, nan_h[2], a[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # check="none": no check, no convergence warning either
+        out = torch.func.vmap(lambda x: dynalay.dynamic_step(x, a[0], U, W, b, backend=backend, check="none").h)(nan_h)
+    assert out[2, 1].isnan().any()  # passed through unchecked (a NOP row keeps it, a solved row spreads it)

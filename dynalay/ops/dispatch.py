@@ -207,10 +207,16 @@ def _step_vmap(info, in_dims, h, actions, U, W, b, *rest):
     """torch.func.vmap rule (``fold_for_vmap``): one step over the N*B folded rows; mapped layers
     (any of U, W, b) become a stack of N*L layers indexed by the shifted actions."""
     N = info.batch_size
+    # the values exist here: the data checks and the report the public call had to skip
+    check = rest[17]
+    L = U.shape[0] if in_dims[2] is None else U.shape[1]
+    a_all = actions.reshape(-1)  # every slice's actions: the per-slice range [0, L]
+    _check_actions(a_all, a_all.shape[0], L, a_all.device, check)
+    check_finite(check, h=h, U=U, W=W, b=b)
     (h_f,), (U_f, W_f, b_f), a_f, B = fold_for_vmap(N, [(h, in_dims[0])], [(U, in_dims[2]), (W, in_dims[3]),
                                                                         (b, in_dims[4])], actions, in_dims[1])
     h_new, it, conv, res = dynamic_step_op(h_f, a_f, U_f, W_f, b_f, *rest)
-    report("forward", conv, res, rest[1], rest[17])  # the values exist here (the public call's report cannot read them)
+    report("forward", conv, res, rest[1], check)
     return (h_new.unflatten(0, (N, B)), it.view(N, B), conv.view(N, B), res.view(N, B)), (0, 0, 0, 0)
 
 

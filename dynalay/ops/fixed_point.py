@@ -382,10 +382,12 @@ def _fp_vmap(info, in_dims, inj, W, actions, z0, *rest):
     """torch.func.vmap rule (``fold_for_vmap``): one solve over the folded rows; a mapped W
     becomes a stack of layers that each slice's rows select through ``actions``."""
     N = info.batch_size
+    # the values exist here: the data checks and the report the public call had to skip
+    check_finite(rest[17], inj=inj, W=W, z0=z0)
     (inj_f, z0_f), (W_f,), a_f, B = fold_for_vmap(N, [(inj, in_dims[0]), (z0, in_dims[3])], [(W, in_dims[1])],
                                                   actions, in_dims[2])
     z, it, res, conv = fixed_point_fwd(inj_f, W_f, a_f, z0_f, *rest)
-    report("forward", conv, res, rest[1], rest[17])  # the values exist here (the public call's report cannot read them)
+    report("forward", conv, res, rest[1], rest[17])
     return (z.unflatten(0, (N, B)), it.view(N, B), res.view(N, B), conv.view(N, B)), (0, 0, 0, 0)
 
 
