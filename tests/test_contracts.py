@@ -605,3 +605,17 @@ def test_bad_input_is_caught_under_vmap(backend, gen):
         warnings.simplefilter("error")  # check="none": no check, no convergence warning either
         out = torch.func.vmap(lambda x: dynalay.dynamic_step(x, a[0], U, W, b, backend=backend, check="none").h)(nan_h)
     assert out[2, 1].isnan().any()  # passed through unchecked (a NOP row keeps it, a solved row spreads it)
+
+
+def test_batching_rules_read_the_right_settings():
+    """The batching rules find max_iter and check by position among the settings after the
+    tensors: those positions must follow the ops' signatures."""
+    import inspect
+    import sys as _sys
+    fp_mod, st_mod = _sys.modules["dynalay.ops.fixed_point"], _sys.modules["dynalay.ops.dispatch"]
+    for impl, n in ((fp_mod._fixed_point_fwd_impl, 4), (st_mod._dynamic_step_impl, 5),
+                    (fp_mod._fixed_point_adjoint_impl, 4)):
+        names = list(inspect.signature(impl).parameters)[n:]
+        assert names[fp_mod.REST_MAX_ITER] == "max_iter", impl.__name__
+        pos = fp_mod.ADJOINT_REST_CHECK if impl is fp_mod._fixed_point_adjoint_impl else fp_mod.REST_CHECK
+        assert names[pos] == "check", impl.__name__

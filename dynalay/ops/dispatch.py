@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from .. import backends
 from ._common import (autocast_inputs, cast, check_finite, check_func_transforms, checks_off, check_tensor,
                       compute_dtype, eager_function, no_autocast, report, run_solve, tracing)
-from .fixed_point import (fold_for_vmap, fused_implicit_grads, grouped_linear, grouped_wgrad, has_fused_backward,
-                          implicit_grads, phantom_grads, prepare_solve_args)
+from .fixed_point import (REST_CHECK, REST_MAX_ITER, fold_for_vmap, fused_implicit_grads, grouped_linear,
+                          grouped_wgrad, has_fused_backward, implicit_grads, phantom_grads, prepare_solve_args)
 
 
 class Routing(NamedTuple):
@@ -208,7 +208,7 @@ def _step_vmap(info, in_dims, h, actions, U, W, b, *rest):
     (any of U, W, b) become a stack of N*L layers indexed by the shifted actions."""
     N = info.batch_size
     # the values exist here: the data checks and the report the public call had to skip
-    check = rest[17]
+    check = rest[REST_CHECK]
     L = U.shape[0] if in_dims[2] is None else U.shape[1]
     a_all = actions.reshape(-1)  # every slice's actions: the per-slice range [0, L]
     _check_actions(a_all, a_all.shape[0], L, a_all.device, check)
@@ -216,7 +216,7 @@ def _step_vmap(info, in_dims, h, actions, U, W, b, *rest):
     (h_f,), (U_f, W_f, b_f), a_f, B = fold_for_vmap(N, [(h, in_dims[0])], [(U, in_dims[2]), (W, in_dims[3]),
                                                                         (b, in_dims[4])], actions, in_dims[1])
     h_new, it, conv, res = dynamic_step_op(h_f, a_f, U_f, W_f, b_f, *rest)
-    report("forward", conv, res, rest[1], check)
+    report("forward", conv, res, rest[REST_MAX_ITER], check)
     return (h_new.unflatten(0, (N, B)), it.view(N, B), conv.view(N, B), res.view(N, B)), (0, 0, 0, 0)
 
 

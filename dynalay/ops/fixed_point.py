@@ -76,6 +76,11 @@ def _register(name: str, impl, num_tensor_args: int, vmap_rule, backward=_no_dou
 
 
 # torch.func.vmap: rows are independent, so the mapped dimension folds into the rows
+# Positions of max_iter and check among the settings that follow the tensors of fixed_point_fwd and
+# dynamic_step (the same order in both), and of check after fixed_point_adjoint's tensors.
+REST_MAX_ITER, REST_CHECK, ADJOINT_REST_CHECK = 1, 17, 8
+
+
 def _slices(t: Tensor, d: Optional[int], N: int) -> Tensor:
     return t.movedim(d, 0) if d is not None else t.expand(N, *t.shape)
 
@@ -115,7 +120,8 @@ def _adjoint_vmap(info, in_dims, z, g, W, actions, *rest):
     (z_f, g_f), (W_f,), a_f, B = fold_for_vmap(N, [(z, in_dims[0]), (g, in_dims[1])], [(W, in_dims[2])], actions,
                                                in_dims[3])
     u, it, res, conv = _fixed_point_adjoint_op(z_f, g_f, W_f, a_f, *rest)
-    report("backward (adjoint)", conv, res, rest[1], rest[8] if len(rest) > 8 else "none")
+    check = rest[ADJOINT_REST_CHECK] if len(rest) > ADJOINT_REST_CHECK else "none"
+    report("backward (adjoint)", conv, res, rest[REST_MAX_ITER], check)
     return (u.unflatten(0, (N, B)), it.view(N, B), res.view(N, B), conv.view(N, B)), (0, 0, 0, 0)
 
 
@@ -383,11 +389,11 @@ def _fp_vmap(info, in_dims, inj, W, actions, z0, *rest):
     becomes a stack of layers that each slice's rows select through ``actions``."""
     N = info.batch_size
     # the values exist here: the data checks and the report the public call had to skip
-    check_finite(rest[17], inj=inj, W=W, z0=z0)
+    check_finite(rest[REST_CHECK], inj=inj, W=W, z0=z0)
     (inj_f, z0_f), (W_f,), a_f, B = fold_for_vmap(N, [(inj, in_dims[0]), (z0, in_dims[3])], [(W, in_dims[1])],
                                                   actions, in_dims[2])
     z, it, res, conv = fixed_point_fwd(inj_f, W_f, a_f, z0_f, *rest)
-    report("forward", conv, res, rest[1], rest[17])
+    report("forward", conv, res, rest[REST_MAX_ITER], rest[REST_CHECK])
     return (z.unflatten(0, (N, B)), it.view(N, B), res.view(N, B), conv.view(N, B)), (0, 0, 0, 0)
 
 
