@@ -377,7 +377,14 @@ def test_torch_func_transforms(backend, backward, gen):
     got = torch.func.grad(lambda *p: st(*p).square().sum(), argnums=(0, 1, 2, 3))(h, U, W, b)
     ps = [t.clone().requires_grad_() for t in (h, U, W, b)]
     ref = torch.autograd.grad(st(*ps).square().sum(), ps)
-    assert all(torch.equal(x, y) for x, y in zip(got, ref))
+    # torch.func.grad runs the backward with create_graph (functorch always does), so it takes the
+    # generic path, whose helper ops autograd records, not cpp's one fused call: db, a sum over a
+    # group's rows, is a GEMM column there and at::sum in the fused call, and differs in its last
+    # bit for ~3% of draws (measured: 7 of 200 seeds, 2-4e-16); every other gradient was bitwise
+    for x, y in zip(got, ref):
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-14)
+    if backend == "torch":  # one path: bit for bit
+        assert all(torch.equal(x, y) for x, y in zip(got, ref))
     # what cannot work says so
     with pytest.raises(RuntimeError, match="dynalay.fixed_point does not support forward-mode AD"):
         torch.func.jacfwd(lambda i: fp(i, w0))(i0)
