@@ -4,7 +4,8 @@ backend against the torch backend: outputs, iteration counts, convergence flags 
 
 Each run draws fresh cases from the printed seed (replay: DYNALAY_TEST_SEED=<seed>).  Session
 19's offline run of 12,000 cases found the Anderson lam=0 disagreement fixed there; 600 cases
-through the Triton interpreter agreed."""
+through the Triton interpreter agreed.  The batching rules (torch.func.vmap) are fuzzed against
+loops over the slices the same way."""
 import math
 import os
 import random
@@ -109,4 +110,75 @@ def test_backends_agree_with_torch_on_random_problems(backend, cases, gen):
         if ran == cases:
             break
     assert ran == cases
+    assert not failures, "\n".join(failures[:10])
+
+
+def _vmap_case(seed: int, backend: str) -> list:
+    """One random vmap problem: dynamic_step or fixed_point, each tensor mapped or not, the mapped
+    dimension at a random position; the vmap against a loop over the slices (states, iterations,
+    flags) and, for shared layers, per-sample gradients against a loop of grad."""
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.float32 if backend == "triton" else torch.float64
+    N, B, H, L = rnd.choice([1, 2, 3]), rnd.choice([1, 2, 5]), rnd.choice([1, 3, 8]), rnd.choice([1, 2, 3])
+    kw = dict(tol=1e-5 if dt == torch.float32 else 1e-10, max_iter=rnd.choice([4, 200]), backend=backend,
+              backward=rnd.choice(["implicit", "phantom"]), check="none")
+    step = rnd.random() < 0.6
+    if step:
+        per = [(torch.randn(B, H, generator=g, dtype=dt), torch.randint(0, L + 1, (B,), generator=g),
+                (torch.randn(L, H, H, generator=g, dtype=torch.float64) / math.sqrt(H)).to(dt),
+                make_W(H, 0.8, gen=g, L=L).to(dt), (0.1 * torch.randn(L, H, generator=g)).to(dt)) for _ in range(N)]
+        fn = lambda h, a, U, W, b: tuple(dynalay.dynamic_step(h, a, U, W, b, **kw))  # noqa: E731
+    else:
+        per = [(torch.randn(B, H, generator=g, dtype=dt), make_W(H, 0.8, gen=g).to(dt)) for _ in range(N)]
+        fn = lambda i, w: tuple(dynalay.fixed_point(i, w, **kw))  # noqa: E731
+    mapped = [rnd.random() < 0.6 for _ in per[0]]
+    if not any(mapped):
+        mapped[0] = True
+    args, dims = [], []
+    for k, m in enumerate(mapped):
+        if m:
+            d = rnd.randrange(per[0][k].dim() + 1)
+            args.append(torch.stack([p[k] for p in per]).movedim(0, d))
+            dims.append(d)
+        else:
+            args.append(per[0][k])
+            dims.append(None)
+    out = torch.func.vmap(fn, in_dims=tuple(dims))(*args)
+    loop = [fn(*[p[k] if m else per[0][k] for k, m in enumerate(mapped)]) for p in per]
+    bad = []
+    tol = 1e-4 if dt == torch.float32 else 1e-9
+    for j, name in ((0, "out"), (1, "iters"), (-1, "converged")):  # the flags are last in both results
+        ref, got = torch.stack([x[j] for x in loop]), out[j]
+        if j == 0 and _rel(got, ref) > tol:
+            bad.append(f"{name} rel {_rel(got, ref):.2e}")
+        if j != 0 and kw["max_iter"] > 4 and int((got.long() - ref.long()).abs().max()) > (dt != torch.float64):
+            bad.append(f"{name} differ")
+    if step and not any(mapped[2:]):  # per-sample gradients of shared layers
+        h, a = torch.stack([p[0] for p in per]).flatten(0, 1), torch.stack([p[1] for p in per]).flatten()
+        U, W, b = per[0][2:]
+
+        def loss(U_, W_, b_, x, ai):
+            return dynalay.dynamic_step(x[None], ai[None], U_, W_, b_, **kw).h.square().sum()
+        gr = torch.func.grad(loss, argnums=(0, 1, 2, 3))
+        got = torch.func.vmap(gr, in_dims=(None, None, None, 0, 0))(U, W, b, h, a)
+        ref = [gr(U, W, b, h[i], a[i]) for i in range(h.shape[0])]
+        for k in range(4):
+            if _rel(got[k], torch.stack([r[k] for r in ref])) > 10 * tol:
+                bad.append(f"per-sample grad {k} rel {_rel(got[k], torch.stack([r[k] for r in ref])):.2e}")
+    return [f"case seed {seed} ({'step' if step else 'fp'}, N={N} B={B} H={H} L={L}, in_dims {dims}, {kw}): "
+            f"{bad}"] if bad else []
+
+
+@pytest.mark.parametrize("backend,cases", [
+    ("torch", 30),
+    pytest.param("cpp", 60, marks=pytest.mark.skipif(not CPP, reason="cpp not built")),
+    pytest.param("triton", 8, marks=pytest.mark.skipif(not INTERP, reason="triton runs on CPU only under "
+                                                                         "TRITON_INTERPRET=1")),
+])
+def test_vmap_rules_agree_with_loops_on_random_problems(backend, cases, gen):
+    """The batching rules on random problems: mapped or shared tensors, the mapped dimension at any
+    position, early stops (max_iter 4), both backward modes, per-sample gradients."""
+    base = int(torch.randint(0, 2**30, (1,), generator=gen))
+    failures = [f for s in range(base, base + cases) for f in _vmap_case(s, backend)]
     assert not failures, "\n".join(failures[:10])
