@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import _ext, backends
 
 SOLVERS = ("picard", "anderson")
+BACKWARD_ONLY_SOLVERS = ("gmres",)  # Krylov, for the linear adjoint of the implicit backward
 BACKWARDS = ("implicit", "phantom")
 CHECKS = ("warn", "raise", "none")
 EPS_MIN = torch.finfo(torch.float32).tiny
@@ -55,8 +56,11 @@ class SolverConfig:
         if not isinstance(self.max_iter, int) or isinstance(self.max_iter, bool) or not (1 <= self.max_iter < 2**31):
             # iters are int32
             raise ValueError(f"{p}max_iter must be an int in [1, 2**31 - 1] (got {self.max_iter!r})")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"{p}solver must be one of {SOLVERS} (got {self.solver!r})")
+        allowed = SOLVERS + (BACKWARD_ONLY_SOLVERS if p == "backward_" else ())
+        if self.solver not in allowed:
+            hint = (" (gmres solves the backward's linear adjoint only: backward_solver='gmres')"
+                    if self.solver in BACKWARD_ONLY_SOLVERS else "")
+            raise ValueError(f"{p}solver must be one of {allowed} (got {self.solver!r}){hint}")
         if not is_real(self.damping) or not (0.0 < self.damping <= 1.0):
             raise ValueError(f"{p}damping must be in (0, 1] (got {self.damping!r})")
         if not isinstance(self.anderson_m, int) or not (1 <= self.anderson_m <= 32):

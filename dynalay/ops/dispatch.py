@@ -174,7 +174,7 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
     cd = compute_dtype(h.dtype)
     need_h, need_U, need_W, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3], \
         ctx.needs_input_grad[4]
-    if ctx.backward == "implicit" and has_fused_backward(ctx.backend):  # the whole backward in one C++ call
+    if ctx.backward == "implicit" and has_fused_backward(ctx.backend, ctx.bcfg[2]):  # the whole backward in one C++ call
         dh, dW, dU, db = fused_implicit_grads(h_new, g, W, actions, h, U, (need_h, need_W, need_U, need_b),
                                               ctx.bcfg, ctx.check, ctx.backend)
         dt = ctx.dtypes  # (h, U, W, b)

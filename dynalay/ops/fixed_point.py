@@ -25,6 +25,7 @@ from .. import backends
 from ._common import (BACKWARDS, CHECKS, SolverConfig, as_op_float, autocast_inputs, cast, check_choice,
                       check_finite, check_int, check_func_transforms, check_tensor, compute_dtype, eager_function,
                       is_real, no_autocast, no_values, report, run_solve, tracing, under_vmap)
+from .krylov import gmres_adjoint
 
 # The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
 last_backward_stats: dict = {}
@@ -132,7 +133,13 @@ def _fixed_point_adjoint_impl(z: Tensor, g: Tensor, W: Tensor, actions: Optional
     # check: read only by the batching rule, which reports convergence where the values exist
     cd = compute_dtype(z.dtype)
     cfg = (tol, max_iter, solver, damping, anderson_m, anderson_lam, eps)
-    if backend == "triton":  # d = 1 - z*^2 inside the kernel
+    if solver == "gmres":  # Krylov (dynalay/ops/krylov.py) over the backend's grouped products
+        zc, Wc, be = cast(z, cd), cast(W, cd), backends.get(backend)
+
+        def matvec(v: Tensor, acts: Optional[Tensor]) -> Tensor:
+            return v @ Wc[0] if acts is None else be.grouped_linear(v, Wc, None, acts, True).to(cd)
+        u, it, res, conv = gmres_adjoint(cast(g, cd), 1.0 - zc * zc, matvec, actions, W.shape[0], tol, max_iter, eps)
+    elif backend == "triton":  # d = 1 - z*^2 inside the kernel
         u, it, res, conv = backends.get("triton").fp_solve(cast(g, cd), W, z, actions, None, True, *cfg, d_is_z=True)
     else:
         zc = cast(z, cd)
@@ -270,12 +277,13 @@ def implicit_grads(z: Tensor, gz: Tensor, W: Tensor, actions: Optional[Tensor], 
     return u, dW
 
 
-def has_fused_backward(backend: str) -> bool:
+def has_fused_backward(backend: str, solver: str = "picard") -> bool:
     """Whether ``backend`` runs the implicit backward in one call (cpp; cuda unless
     DYNALAY_CUDA_FUSED=0).  Only without ``create_graph``: with it the generic path runs, whose
     ops have no derivative and say so, where the fused call's outputs would silently be
     constants."""
-    return not torch.is_grad_enabled() and not under_vmap() and hasattr(backends.get(backend), "implicit_backward")
+    return (solver != "gmres" and not torch.is_grad_enabled() and not under_vmap()
+            and hasattr(backends.get(backend), "implicit_backward"))
 
 
 def fused_implicit_grads(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tensor], h: Optional[Tensor],
@@ -370,7 +378,7 @@ def _fp_backward(ctx, gz, g_it, g_res, g_conv):
     if ctx.backward == "phantom":
         z, W, actions, inj = ctx.saved_tensors
         dinj, dW = phantom_grads(z, inj, gz, W, actions, ctx.phantom[0], ctx.phantom[1], ctx.backend, want_W)
-    elif has_fused_backward(ctx.backend):  # adjoint solve + weight reduction, one C++ call
+    elif has_fused_backward(ctx.backend, ctx.bcfg[2]):  # adjoint solve + weight reduction, one C++ call
         z, W, actions = ctx.saved_tensors
         dinj, dW, _, _ = fused_implicit_grads(z, gz, W, actions, None, None, (want_inj, want_W, False, False),
                                               ctx.bcfg, ctx.check, ctx.backend)
