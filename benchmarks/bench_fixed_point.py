@@ -18,6 +18,9 @@ Providers
   torchdeq_anderson   the same with 'anderson' (torchdeq defaults m=6, lam=1e-4).
 Modes: fwd (no grad), fwdbwd (loss = sum(z * G), gradients of inj and W).
 
+test_slow_adjoint: forward+backward on the slow problem at (512, 256) and (256, 1024) with the
+implicit backward's adjoint solved by picard, anderson or gmres (cpp and torch backends).
+
 test_saved_memory is not timed (one round): it records in extra_info the bytes the autograd
 graph keeps for backward after the forward (saved_tensors_hooks), for dynalay implicit,
 torchdeq (IFT) and unrolled.
@@ -153,6 +156,34 @@ def test_slow_problem(benchmark, provider):
     benchmark.group = f"fixed_point slow B={B} H={H} fwd"
     record_env(benchmark, suite="fixed_point_slow", problem="slow", provider=provider, B=B, H=H, mode="fwd",
                solver=solver)
+    bench_case(benchmark, run)
+
+
+ADJOINT_SHAPES = [(512, 256), (256, 1024)]
+ADJOINT_PROVIDERS = [param(f"dynalay_{n}_{s}", dynalay_skip_reason(n, "picard"))
+                     for n in ("cpp", "torch") for s in ("picard", "anderson", "gmres")]
+
+
+@pytest.mark.parametrize("B,H", ADJOINT_SHAPES, ids=[f"B{b}-H{h}" for b, h in ADJOINT_SHAPES])
+@pytest.mark.parametrize("provider", ADJOINT_PROVIDERS)
+def test_slow_adjoint(benchmark, provider, B, H):
+    """The implicit backward's adjoint solver on the slow problem: forward+backward with
+    backward_solver picard / anderson / gmres (the forward is Picard in all three)."""
+    inj0, W0, G = fp_problem("slow", B, H)
+    be, bsolver = backend_of(provider), provider.rsplit("_", 1)[1]
+    inj, W = leaf(inj0, True), leaf(W0, True)
+
+    def run(info=None):
+        r = dynalay.fixed_point(inj, W, tol=TOL, max_iter=MAX_ITER, backend=be, backward_solver=bsolver)
+        out = torch.autograd.grad((r.z * G).sum(), (inj, W))
+        if info is not None:
+            st = last_backward_stats()
+            info.update(iters_fwd_mean=float(r.iters.float().mean()), iters_bwd_mean=float(st["iters"].float().mean()),
+                        converged_bwd=bool(st["converged"].all()))
+        return out
+    benchmark.group = f"fixed_point slow adjoint B={B} H={H} fwdbwd"
+    record_env(benchmark, suite="fixed_point_adjoint", problem="slow", provider=provider, backend=be,
+               backward_solver=bsolver, B=B, H=H, mode="fwdbwd")
     bench_case(benchmark, run)
 
 

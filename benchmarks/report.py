@@ -327,6 +327,24 @@ def dispatch_sections(entries: List[dict], R: Ratios) -> List[str]:
     return out
 
 
+def adjoint_sections(entries: List[dict]) -> List[str]:
+    """bench_fixed_point.py::test_slow_adjoint: the backward's adjoint solvers (informative)."""
+    ad = index(entries, "fixed_point_adjoint", ("backend", "backward_solver", "B", "H"))
+    if not ad:
+        return []
+    solvers = [x for x in ("picard", "anderson", "gmres") if any(k[1] == x for k in ad)]
+    out = ["## Slow problem, forward+backward by adjoint solver: median ms (mean backward iterations)", "",
+           "The forward is Picard in every column; `backward_solver` picks the implicit backward's adjoint solve.",
+           "", "| backend | B | H | " + " | ".join(solvers) + " |", "|---|---|---|" + "---|" * len(solvers)]
+    for be, B, H in sorted({(k[0], k[2], k[3]) for k in ad}):
+        cells = []
+        for sv in solvers:
+            e = ad.get((be, sv, B, H))
+            cells.append("—" if e is None else f"{fmt_ms(med(e))} ({fmt_it(e.get('iters_bwd_mean'))})")
+        out.append(f"| {be} | {B} | {H} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def func_sections(entries: List[dict]) -> List[str]:
     """bench_func.py: the batching rules against a loop per slice (no issue target: informative)."""
     ps = index(entries, "func", ("case", "provider", "backend", "N", "mode"))
@@ -362,7 +380,8 @@ def build_report(json_path: Path) -> str:
     data, entries = load(json_path)
     R = Ratios()
     body = header(data, entries, json_path)
-    sections = fixed_point_sections(entries, R) + dispatch_sections(entries, R) + func_sections(entries)
+    sections = (fixed_point_sections(entries, R) + dispatch_sections(entries, R) + adjoint_sections(entries)
+                + func_sections(entries))
     if not entries:
         body += ["**No benchmark entries in this file** (was it written with --benchmark-disable?)", ""]
     body += ["## Ratios the issues ask for", ""]

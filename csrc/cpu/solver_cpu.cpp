@@ -533,7 +533,11 @@ struct Block {
 std::vector<int64_t> blocks_per_group(const std::vector<int64_t>& sizes, int64_t H, int64_t kMinBlocks) {
   constexpr int64_t kMinBlockFlops = int64_t(1) << 21;
   const int64_t flops_per_row = 2 * H * H;
-  const int64_t target = std::max<int64_t>(8, std::min<int64_t>(256, (32768 + H - 1) / H));
+  // ~128 KiB of iterate per block; above H = 256 at least 128 rows: there each block's GEMM streams
+  // all of W (H*H, no longer in L2) every iteration, and taller blocks read it fewer times
+  const int64_t by_cache = (32768 + H - 1) / H;
+  const int64_t target = std::max<int64_t>(8, std::min<int64_t>(256, H > 256 ? std::max<int64_t>(by_cache, 128)
+                                                                              : by_cache));
   const int64_t min_rows = std::max<int64_t>(8, (kMinBlockFlops + flops_per_row - 1) / flops_per_row);
   static const char* force = std::getenv("DYNALAY_CPU_BLOCK_ROWS");  // tuning/diagnosis only
   const int64_t forced = force != nullptr ? std::atoll(force) : 0;
