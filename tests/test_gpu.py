@@ -289,3 +289,22 @@ def test_per_sample_grads_on_cuda(be, gen):
     loop = [g(U, W, b, h[i], a[i]) for i in range(B)]
     for k, ref in enumerate(zip(*loop)):
         assert (got[k] - torch.stack(ref)).abs().max() < 1e-4, k
+
+
+@pytest.mark.parametrize("be", ["torch", "triton", "cuda"])
+def test_gmres_adjoint_on_cuda(be, gen):
+    """backward_solver='gmres' runs on every CUDA backend (over its grouped products) and gives
+    the Picard adjoint's gradients, for fixed_point and dynamic_step."""
+    if backends.not_supported_reasons(be, "cuda", torch.float32):
+        pytest.skip(f"backend {be} cannot run here")
+    B, H, L = 300, 64, 3
+    h, U, W, b = [p.to(DEV) for p in make_step_params(B, H, L, torch.float32, gen)]
+    a = torch.randint(0, L + 1, (B,), generator=gen).to(DEV)
+    G = torch.randn(B, H, generator=gen).to(DEV)
+    grads = {}
+    for bs in ("picard", "gmres"):
+        ps = [t.clone().requires_grad_() for t in (h, U, W, b)]
+        out = dynalay.dynamic_step(ps[0], a, *ps[1:], backend=be, tol=1e-6, max_iter=300, backward_solver=bs).h
+        grads[bs] = torch.autograd.grad((out * G).sum(), ps)
+    for x, y in zip(grads["gmres"], grads["picard"]):
+        assert (x - y).abs().max() <= 1e-3 * (1 + y.abs().max())
