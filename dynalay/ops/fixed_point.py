@@ -475,7 +475,9 @@ def fixed_point(inj: Tensor, W: Tensor, *, tol: float = 1e-4, max_iter: int = 50
             steps from z*, ``phantom_damping``; 1 step with damping 1 is JFB).
         z0: initial iterate (default zeros); it receives no gradient.
         backward_tol / backward_max_iter / backward_solver: the adjoint solve's settings
-            (default: the forward's tol and max_iter, Picard).
+            (default: the forward's tol and max_iter, Picard); ``backward_solver`` is
+            ``"picard"``, ``"anderson"`` or ``"gmres"`` (restarted GMRES(20) over the backend's
+            grouped products: every backend; see ``dynalay/ops/krylov.py``).
         check: ``"warn"`` (default): a ``ConvergenceWarning`` when rows did not converge (forward or
             backward) and a ``ValueError`` on NaN/Inf inputs; ``"raise"``: ``NotConvergedError``
             instead of the warning; ``"none"``: no data-dependent checks (no host read).
