@@ -281,7 +281,8 @@ def has_fused_backward(backend: str, solver: str = "picard") -> bool:
     """Whether ``backend`` runs the implicit backward in one call (cpp; cuda unless
     DYNALAY_CUDA_FUSED=0).  Only without ``create_graph``: with it the generic path runs, whose
     ops have no derivative and say so, where the fused call's outputs would silently be
-    constants."""
+    constants.  Not for ``solver="gmres"`` (the fused calls run Picard/Anderson) nor under vmap
+    (the generic path's ops have batching rules)."""
     return (solver != "gmres" and not torch.is_grad_enabled() and not under_vmap()
             and hasattr(backends.get(backend), "implicit_backward"))
 
