@@ -190,7 +190,7 @@ def report(where: str, converged: Tensor, residual: Tensor, max_iter: int, check
     if converged.numel() == 0 or checks_off(check, converged, residual) or bool(converged.all()):
         return
     bad = int((~converged).sum())
-    worst = float(residual.float().max())
+    worst = float(residual.detach().float().max())
     msg = (f"dynalay: the {where} fixed-point solve did not converge for {bad}/{converged.numel()} rows "
            f"within max_iter={max_iter} (largest relative residual {worst:.3g}); the result of those rows "
            f"is the last iterate. Is W contractive (||W||_2 < 1)? Raise max_iter, damp, or use solver='anderson'.")
@@ -268,18 +268,31 @@ def _batched(t: Tensor) -> bool:
     return False
 
 
-def no_values(*tensors) -> bool:
-    """Whether the values of ``tensors`` cannot be read on the host: torch.compile, an active
-    dispatch mode (make_fx, opcheck, AOTAutograd), functionalize, and fake, meta or vmap-batched
-    tensors (also under ``vmap(grad(f))``, whose innermost level is grad).  Inside a batching rule
-    the tensors are plain again and the values can be read (the rules report convergence)."""
+def _traced(args) -> bool:
+    """torch.compile, an active dispatch mode (make_fx, opcheck, AOTAutograd), or tensor
+    subclasses (fake, functional) or meta tensors among ``args``: what ``tracing`` and
+    ``no_values`` share."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return True
-    active = torch._C._are_functorch_transforms_active()
-    if active and _TransformType is not None and _under(_TransformType.Functionalize):
+    for a in args:  # a loop, not any(<generator>): this runs several times per op call
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):
+            return True
+    return False
+
+
+def no_values(*tensors) -> bool:
+    """Whether the values of ``tensors`` cannot be read on the host: ``_traced``, functionalize,
+    and vmap-batched tensors (also under ``vmap(grad(f))``, whose innermost level is grad).
+    Inside a batching rule the tensors are plain again and the values can be read (the rules
+    run the checks and report convergence), which is why this is not ``tracing``."""
+    if _traced(tensors):
         return True
-    for a in tensors:  # a loop, not any(<generator>): this runs several times per op call
-        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta or (active and _batched(a))):
+    if _TransformType is None or not torch._C._are_functorch_transforms_active():
+        return False
+    if _under(_TransformType.Functionalize):
+        return True
+    for a in tensors:
+        if isinstance(a, Tensor) and _batched(a):
             return True
     return False
 
@@ -297,16 +310,12 @@ def tracing(*args) -> bool:
     AOTAutograd), torch.func.vmap, or tensor subclasses (fake, functional) or meta tensors among
     ``args``.  Then the registered ops run (their fake kernels make them traceable); otherwise
     their implementations may be called directly (``eager_function``)."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if _traced(args):
         return True
     level = _functorch_transform()
-    if level is not None and level.key() != _TransformType.Grad:
-        return True  # vmap (the registered ops' batching rules or fallback) or functionalize; under grad the eager
-        # autograd.Function (with its setup_context) works
-    for a in args:  # a loop, not any(<generator>): this runs several times per op call
-        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):
-            return True
-    return False
+    # vmap (the registered ops' batching rules) or functionalize; under grad the eager
+    # autograd.Function (with its setup_context) works
+    return level is not None and level.key() != _TransformType.Grad
 
 
 def eager_function(impl, setup, backward, name: str, num_tensor_args: int, vmap_rule=None):

@@ -174,7 +174,7 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
     cd = compute_dtype(h.dtype)
     need_h, need_U, need_W, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3], \
         ctx.needs_input_grad[4]
-    if ctx.backward == "implicit" and has_fused_backward(ctx.backend, ctx.bcfg[2]):  # the whole backward in one C++ call
+    if ctx.backward == "implicit" and has_fused_backward(ctx.backend, ctx.bcfg[2]):  # one C++ call
         dh, dW, dU, db = fused_implicit_grads(h_new, g, W, actions, h, U, (need_h, need_W, need_U, need_b),
                                               ctx.bcfg, ctx.check, ctx.backend)
         dt = ctx.dtypes  # (h, U, W, b)
@@ -209,7 +209,7 @@ def _step_vmap(info, in_dims, h, actions, U, W, b, *rest):
     N = info.batch_size
     # the values exist here: the data checks and the report the public call had to skip
     check = rest[REST_CHECK]
-    L = U.shape[0] if in_dims[2] is None else U.shape[1]
+    L = (U if in_dims[2] is None else U.select(in_dims[2], 0)).shape[0]  # per slice, wherever the mapped dim is
     a_all = actions.reshape(-1)  # every slice's actions: the per-slice range [0, L]
     _check_actions(a_all, a_all.shape[0], L, a_all.device, check)
     check_finite(check, h=h, U=U, W=W, b=b)

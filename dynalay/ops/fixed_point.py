@@ -393,6 +393,7 @@ def _fp_backward(ctx, gz, g_it, g_res, g_conv):
 
 fixed_point_fwd.register_autograd(_fp_backward, setup_context=_fp_setup)
 
+
 def _fp_vmap(info, in_dims, inj, W, actions, z0, *rest):
     """torch.func.vmap rule (``fold_for_vmap``): one solve over the folded rows; a mapped W
     becomes a stack of layers that each slice's rows select through ``actions``."""

@@ -61,12 +61,14 @@ def gmres_adjoint(c: Tensor, d: Tensor, matvec: Callable[[Tensor, Optional[Tenso
     def A(v: Tensor) -> Tensor:
         return v - dd * matvec(v, acts)
 
-    def finish(rows: Tensor, u: Tensor, k: int, res: Tensor, ok: Tensor) -> None:
-        g = idx[rows]
-        u_out[g] = u[rows]
+    def store(g: Tensor, u: Tensor, k: int, res: Tensor, ok: Tensor) -> None:  # rows g of the batch
+        u_out[g] = u
         iters[g] = k
-        res_out[g] = res[rows].to(dt)
-        conv[g] = ok[rows] if ok.dim() else ok
+        res_out[g] = res.to(dt)
+        conv[g] = ok
+
+    def finish(rows: Tensor, u: Tensor, k: int, res: Tensor, ok: Tensor) -> None:  # the active rows in mask `rows`
+        store(idx[rows], u[rows], k, res[rows], ok[rows])
 
     def keep(mask: Tensor, *ts):
         return [None if t is None else t[mask] for t in ts]
@@ -145,12 +147,8 @@ def gmres_adjoint(c: Tensor, d: Tensor, matvec: Callable[[Tensor, Optional[Tenso
                 res_c = r_c.norm(dim=1) / ((u_c + r_c).norm(dim=1) + eps)
                 ok = res_c < tol
                 fin = rows if last else rows[ok]
-                g = idx[fin]
                 sel = slice(None) if last else ok
-                u_out[g] = u_c[sel]
-                iters[g] = k
-                res_out[g] = res_c[sel].to(dt)
-                conv[g] = ok[sel]
+                store(idx[fin], u_c[sel], k, res_c[sel], ok[sel])
                 live[fin] = False
             if not bool(live.any()):
                 return u_out, iters, res_out, conv
