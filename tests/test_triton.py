@@ -136,36 +136,87 @@ def test_other_launch_configurations_are_correct(fast, tiled, gen):
         tb.set_solve_config()
 
 
-def test_routing_is_reused_within_a_step_and_recomputed_after_an_in_place_change(gen):
-    """The triton backend caches the routing of an actions tensor (forward projection, solve and
-    the backward's launches share it); an in-place change of the actions must not reuse it."""
+def test_routing_is_shared_inside_a_scope_and_recomputed_after_an_in_place_change(gen):
+    """Inside ``route_scope`` (one backward pass) the triton backend reuses the routing of an
+    actions tensor; an in-place change of the actions must not reuse it; outside a scope nothing
+    is cached."""
     from dynalay.backends import triton as tb
-    L, B, H = 3, 37, 20
+    L, B = 3, 37
+    a = torch.randint(0, L + 1, (B,), generator=gen)
+    assert tb._route(a, L, 16) is not tb._route(a, L, 16)    # no scope: routed afresh
+    with tb.route_scope():
+        r1 = tb._route(a, L, 16)
+        assert tb._route(a, L, 16) is r1                     # same tensor, same version: reused
+        assert tb._route(a, L, 32, any_block=True) is r1      # perm/offsets of any tile size will do
+        assert tb._route(a, L, 32) is not r1                  # tile tables for another block size
+        with tb.route_scope():                               # nested: the outer scope's tables
+            assert tb._route(a, L, 16) is r1
+        a.copy_(torch.flip(a, [0]).remainder(L + 1))          # in place: a new version, a new routing
+        r2 = tb._route(a, L, 16)
+        assert r2 is not r1
+        for x, y in zip(r2, dynalay.route(a, L, 16)):
+            assert torch.equal(x, y)
+        with torch.inference_mode():                         # no version counter: still routed
+            ai = a.clone()
+        assert tb._route(ai, L, 16) is tb._route(ai, L, 16)
+
+
+def _step_problem(gen, L=3, B=37, H=20):
     h = torch.randn(B, H, generator=gen, dtype=torch.float64)
     U = torch.randn(L, H, H, generator=gen, dtype=torch.float64) / H ** 0.5
     W = torch.stack([make_W(H, gen=gen) for _ in range(L)])
     b = 0.1 * torch.randn(L, H, generator=gen, dtype=torch.float64)
-    a = torch.randint(0, L + 1, (B,), generator=gen)
-    r1 = tb._route(a, L, 16)
-    assert tb._route(a, L, 16) is r1                       # same tensor, same version: reused
-    assert tb._route(a, L, 32, any_block=True) is r1        # perm/offsets of any tile size will do
-    assert tb._route(a, L, 32) is not r1                    # tile tables for another block size
-    for _ in range(2):
-        ps = [t.clone().requires_grad_() for t in (h, U, W, b)]
-        got = dynalay.dynamic_step(ps[0], a, *ps[1:], backend="triton")
-        (got.h * h).sum().backward()
-        qs = [t.clone().requires_grad_() for t in (h, U, W, b)]
-        ref = dynalay.dynamic_step(qs[0], a, *qs[1:], backend="torch")
-        (ref.h * h).sum().backward()
-        assert (got.h - ref.h).abs().max() < 1e-12
-        assert torch.equal(got.iters, ref.iters)
-        for p, q in zip(ps, qs):
-            assert (p.grad - q.grad).abs().max() < 1e-9
-        a.copy_(torch.flip(a, [0]).remainder(L + 1))        # in place: a new version, a new routing
-    assert tb._route(a, L, 16) is not r1
-    ref = dynalay.route(a, L, 16)
-    for x, y in zip(tb._route(a, L, 16), ref):
-        assert torch.equal(x, y)
+    return h, U, W, b
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom"])
+def test_one_routing_per_forward_and_per_backward(backward, gen, monkeypatch):
+    """dynamic_step routes once in its forward and once in its backward (the adjoint solve or
+    phantom steps, the transposed projection and the weight gradients share it), and the
+    gradients equal the torch backend's."""
+    from dynalay.backends import triton as tb
+    L = 3
+    h, U, W, b = _step_problem(gen, L)
+    a = torch.randint(0, L + 1, (h.shape[0],), generator=gen)
+    calls = []
+    real = tb.route_tables
+    monkeypatch.setattr(tb, "route_tables", lambda *args: calls.append(1) or real(*args))
+    ps = [t.clone().requires_grad_() for t in (h, U, W, b)]
+    got = dynalay.dynamic_step(ps[0], a, *ps[1:], backward=backward, backend="triton")
+    assert len(calls) == 1
+    (got.h * h).sum().backward()
+    assert len(calls) == 2
+    qs = [t.clone().requires_grad_() for t in (h, U, W, b)]
+    ref = dynalay.dynamic_step(qs[0], a, *qs[1:], backward=backward, backend="torch")
+    (ref.h * h).sum().backward()
+    assert (got.h - ref.h).abs().max() < 1e-12
+    for p, q in zip(ps, qs):
+        assert (p.grad - q.grad).abs().max() < 1e-9
+
+
+def test_actions_rewritten_without_a_version_bump_are_routed_afresh(gen):
+    """The same actions tensor refilled between calls through a numpy view or ``.data`` (neither
+    bumps the version counter), and actions made in inference mode: every call follows the
+    current values, as the torch backend does."""
+    import numpy as np
+    L = 2
+    h, U, W, b = _step_problem(gen, L, B=6, H=4)
+    buf = np.zeros(6, dtype=np.int64)
+    views = [torch.from_numpy(buf), torch.zeros(6, dtype=torch.int64)]
+    for a in views:
+        for fill in (0, L, 1, L):
+            if a.data_ptr() == views[0].data_ptr():
+                buf[:] = fill
+            else:
+                a.data.fill_(fill)
+            got = dynalay.dynamic_step(h, a, U, W, b, backend="triton")
+            ref = dynalay.dynamic_step(h, a, U, W, b, backend="torch")
+            assert torch.equal(got.iters, ref.iters) and (got.h - ref.h).abs().max() < 1e-12
+    with torch.inference_mode():
+        ai = torch.tensor([0, 1, 2, 0, 1, 2])
+        got = dynalay.dynamic_step(h, ai, U, W, b, backend="triton")
+    ref = dynalay.dynamic_step(h, ai, U, W, b, backend="torch")
+    assert (got.h - ref.h).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("B,L,BM", [(1, 1, 16), (17, 3, 16), (1024, 4, 16), (1025, 4, 32), (3000, 7, 64),

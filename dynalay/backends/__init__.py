@@ -15,6 +15,7 @@ says so.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Dict, List, Optional, Tuple
@@ -168,6 +169,13 @@ def select(device: torch.device, dtype: torch.dtype, solvers: Tuple[str, ...] = 
     ``backend`` overrides ``DYNALAY_BACKEND``; ``auto`` picks the fastest that can run, for ``op``
     (``"fixed_point"``, ``"dynamic_step"``; empty: the generic order)."""
     return _select(backend, torch.device(device).type, dtype, tuple(solvers), op)
+
+
+def routing_scope(name: str):
+    """A block in which backend ``name`` may reuse the routing of an actions tensor between its
+    launches (one backward pass); a no-op for backends that route inside each call."""
+    scope = getattr(get(name), "route_scope", None)
+    return contextlib.nullcontext() if scope is None else scope()
 
 
 def get(name: str):

@@ -137,6 +137,19 @@ def no_autocast(fn):
     return wrapper
 
 
+def shared_routing(backward):
+    """Run an op's ``backward(ctx, *grads)`` in ``backends.routing_scope(ctx.backend)``: its
+    launches on the saved actions (adjoint solve, transposed projection, weight gradients, the
+    steps of a phantom or GMRES backward) route once instead of once each."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with backends.routing_scope(ctx.backend):
+            return backward(ctx, *grads)
+
+    return wrapper
+
+
 def check_tensor(name: str, t, ndim: int, *, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None, floating: bool = True) -> Tensor:
     if not isinstance(t, Tensor):

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from .. import backends
 from ._common import (autocast_inputs, cast, check_finite, check_func_transforms, checks_off, check_tensor,
-                      compute_dtype, eager_function, no_autocast, report, run_solve, tracing)
+                      compute_dtype, eager_function, no_autocast, report, run_solve, shared_routing,
+                      tracing)
 from .fixed_point import (REST_CHECK, REST_MAX_ITER, fold_for_vmap, fused_implicit_grads, grouped_linear,
                           grouped_wgrad, has_fused_backward, implicit_grads, phantom_grads, prepare_solve_args)
 
@@ -165,6 +166,7 @@ def _step_setup(ctx, inputs, output):
 
 
 @no_autocast
+@shared_routing
 def _step_backward(ctx, g, g_it, g_conv, g_res):
     nones = (None,) * 20
     if g is None:

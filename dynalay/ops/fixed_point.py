@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import backends
 from ._common import (BACKWARDS, CHECKS, SolverConfig, as_op_float, autocast_inputs, cast, check_choice,
                       check_finite, check_int, check_func_transforms, check_tensor, compute_dtype, eager_function,
-                      is_real, no_autocast, no_values, report, run_solve, tracing, under_vmap)
+                      is_real, no_autocast, no_values, report, run_solve, shared_routing, tracing, under_vmap)
 from .krylov import gmres_adjoint
 
 # The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
@@ -371,6 +371,7 @@ def _fp_setup(ctx, inputs, output):
 
 
 @no_autocast
+@shared_routing
 def _fp_backward(ctx, gz, g_it, g_res, g_conv):
     nones = (None,) * 22
     if gz is None:

@@ -9,12 +9,13 @@ Matmul precision: ``tl.dot`` runs in exact fp32 ("ieee") unless ``DYNALAY_TRITON
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from contextvars import ContextVar
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ...ops.dispatch import num_tiles_bound, route_impl
 from . import kernels as K
@@ -114,12 +115,28 @@ def solve_config(H: int, dtype: torch.dtype) -> Tuple[bool, int, int, int]:
     return False, bm, bn, warps
 
 
-# Routing of an actions tensor, reused by the other launches of the same step (the forward's
-# projection and solve, the backward's adjoint solve, transposed projection and weight gradients):
-# actions tensor -> {(L, BM): (version, routing)}.  An in-place change of the actions (a new
-# version) misses; entries die with the tensor.  Never read or written while a CUDA graph is being
-# captured: the capture must record the routing kernels, since a replay may see new actions.
-_route_cache = WeakIdKeyDictionary()
+# Routing of an actions tensor, reused by the launches of one backward pass (the adjoint solve, the
+# transposed projection, the weight gradients, every step of a phantom or GMRES backward) inside a
+# ``route_scope``.  Outside a scope every launch routes afresh: a cache across calls would have to
+# trust the tensor's version counter, which writes through ``.data``, numpy views, DLPack or
+# inference tensors do not bump (the same tensor refilled by an RL loop would get stale groups).
+# The forward computes its routing once per call and passes it to its launches.  Never read or
+# written while a CUDA graph is being captured: the capture must record the routing kernels.
+_scope: ContextVar[Optional[dict]] = ContextVar("dynalay_triton_route_scope", default=None)
+
+
+@contextlib.contextmanager
+def route_scope():
+    """Within this block, launches on the same ``actions`` tensor (same version) share one routing.
+    Nested scopes share the outer one."""
+    if _scope.get() is not None:
+        yield
+        return
+    token = _scope.set({})
+    try:
+        yield
+    finally:
+        _scope.reset(token)
 
 
 def _capturing(t: Tensor) -> bool:
@@ -128,23 +145,22 @@ def _capturing(t: Tensor) -> bool:
 
 def _route(actions: Tensor, L: int, BM: int, any_block: bool = False):
     """Routing tables of ``actions`` for ``BM``-row tiles (``any_block``: only perm/offsets are
-    needed, so a cached routing of any tile size will do)."""
-    if _capturing(actions):
+    needed, so a routing of any tile size will do), shared inside a ``route_scope``."""
+    cache = _scope.get()
+    if cache is None or _capturing(actions):
         return route_tables(actions, L, BM)
-    ent = _route_cache.get(actions)
-    ver = actions._version
-    if ent is not None:
-        hit = ent.get((L, BM))
-        if hit is None and any_block:
-            hit = next((v for (l_, _), v in ent.items() if l_ == L and v[0] == ver), None)
-        if hit is not None and hit[0] == ver:
-            return hit[1]
-    else:
-        ent = {}
-        _route_cache[actions] = ent
-    r = route_tables(actions, L, BM)
-    ent[(L, BM)] = (ver, r)
-    return r
+    ver = None if actions.is_inference() else actions._version  # inference tensors have no counter
+    ent = cache.get(id(actions))
+    if ent is None or ent[0] is not actions or ent[1] != ver:
+        ent = (actions, ver, {})  # holds the tensor: its id cannot be reused while the scope lives
+        cache[id(actions)] = ent
+    tables = ent[2]
+    hit = tables.get((L, BM))
+    if hit is None and any_block:
+        hit = next((r for (l_, _), r in tables.items() if l_ == L), None)
+    if hit is None:
+        hit = tables[(L, BM)] = route_tables(actions, L, BM)
+    return hit
 
 
 ROUTE_MAX_LP = 256       # L + 1 <= 256 layers (padded to a power of two)
