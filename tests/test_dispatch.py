@@ -413,6 +413,7 @@ def test_nop_rows_cost_nothing(gen):
     assert torch.equal(r.h, h) and (r.iters == 0).all() and r.converged.all()
 
 
+GL, GW = dynalay.ops.grouped_linear, dynalay.ops.grouped_wgrad
 BAD = [
     (lambda h, a, U, W, b: dynalay.dynamic_step(h, a + 5, U, W, b), ValueError, "actions must lie in"),
     (lambda h, a, U, W, b: dynalay.dynamic_step(h, a - 5, U, W, b), ValueError, "actions must lie in"),
@@ -429,9 +430,48 @@ BAD = [
     (lambda h, a, U, W, b: dynalay.dynamic_step(h.clone().fill_(float("nan")), a, U, W, b), ValueError, "h contains"),
     (lambda h, a, U, W, b: dynalay.route(a, 0), ValueError, "num_layers"),
     (lambda h, a, U, W, b: dynalay.route(a, 2, 0), ValueError, "block_m"),
+    (lambda h, a, U, W, b: dynalay.route(a, True), ValueError, "num_layers"),
+    (lambda h, a, U, W, b: dynalay.route(a, 2, True), ValueError, "block_m"),
     (lambda h, a, U, W, b: dynalay.dispatch(h, a, []), ValueError, "modules"),
+    (lambda h, a, U, W, b: GL(h, U, b, a[:3]), ValueError, "actions must have shape"),
+    (lambda h, a, U, W, b: GL(h, U, b, a + 1), ValueError, "actions must lie in"),
+    (lambda h, a, U, W, b: GL(h[:, :3], U, b, a), ValueError, "U must have shape"),
+    (lambda h, a, U, W, b: GL(h, U, b[:, :3], a), ValueError, "b must have shape"),
+    (lambda h, a, U, W, b: GL(h, U.double(), b, a), TypeError, "U has dtype"),
+    (lambda h, a, U, W, b: GL(h, U, b, a, 1), TypeError, "transpose"),
+    (lambda h, a, U, W, b: GL(h.long(), U, b, a), TypeError, "x must be"),
+    (lambda h, a, U, W, b: GW(h, h, a, 1), ValueError, "actions must lie in"),
+    (lambda h, a, U, W, b: GW(h, h[:2], a, 2), ValueError, "x must have 6 rows"),
+    (lambda h, a, U, W, b: GW(h, h, a, True), ValueError, "num_layers"),
+    (lambda h, a, U, W, b: GW(h, h, a, 2, check="always"), ValueError, "check"),
     (lambda h, a, U, W, b: dynalay.dispatch(h, a, [nn.Linear(8, 3), nn.Linear(8, 3)]), ValueError, "returned shape"),
 ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("B,K,N,L", [(1, 1, 1, 1), (7, 5, 3, 3), (33, 20, 12, 4)])
+def test_grouped_linear_and_wgrad_match_a_row_loop(backend, transpose, B, K, N, L, gen):
+    """The public grouped building blocks: per-row float64 loop, NOP rows (0 / nothing added), an
+    empty layer, and gradients of grouped_linear in x, U and b (gradcheck on torch and cpp)."""
+    f64 = torch.float64
+    x = torch.randn(B, K, generator=gen, dtype=f64)
+    U = torch.randn(L, K, N, generator=gen, dtype=f64) if transpose else torch.randn(L, N, K, generator=gen, dtype=f64)
+    b = torch.randn(L, N, generator=gen, dtype=f64)
+    a = torch.randint(0, L + 1, (B,), generator=gen)
+    a[a == L - 1] = L if L > 1 else a[a == L - 1]  # layer L-1 empty when there are others
+    y = dynalay.ops.grouped_linear(x, U, b, a, transpose, backend)
+    ref = torch.stack([(x[i] @ U[a[i]] if transpose else U[a[i]] @ x[i]) + b[a[i]] if a[i] < L
+                       else torch.zeros(N, dtype=f64) for i in range(B)])
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    u = torch.randn(B, N, generator=gen, dtype=f64)
+    out = dynalay.ops.grouped_wgrad(u, x, a, L, backend)
+    ref_w = torch.stack([sum((torch.outer(u[i], x[i]) for i in range(B) if a[i] == l), torch.zeros(N, K, dtype=f64))
+                         for l in range(L)])
+    torch.testing.assert_close(out, ref_w, rtol=1e-12, atol=1e-12)
+    if backend != "triton":
+        ps = [t.clone().requires_grad_() for t in (x, U, b)]
+        assert torch.autograd.gradcheck(lambda *p: dynalay.ops.grouped_linear(*p, a, transpose, backend), ps)
 
 
 @pytest.mark.parametrize("case", range(len(BAD)))

@@ -268,6 +268,8 @@ BAD = [
     (lambda i, W: dynalay.fixed_point(i.long(), W), TypeError, "inj"),
     (lambda i, W: dynalay.fixed_point(i, W, tol=0.0), ValueError, "tol"),
     (lambda i, W: dynalay.fixed_point(i, W, tol=float("nan")), ValueError, "tol"),
+    (lambda i, W: dynalay.fixed_point(i, W, tol=1e-46), ValueError, "tol"),  # 0 in float32, not in cpp's double
+    (lambda i, W: dynalay.fixed_point(i, W, backward_tol=1e-300), ValueError, "backward_tol"),
     (lambda i, W: dynalay.fixed_point(i, W, max_iter=0), ValueError, "max_iter"),
     (lambda i, W: dynalay.fixed_point(i, W, max_iter=2.5), ValueError, "max_iter"),
     (lambda i, W: dynalay.fixed_point(i, W, solver="broyden"), ValueError, "solver"),
@@ -276,6 +278,7 @@ BAD = [
     (lambda i, W: dynalay.fixed_point(i, W, backward_tol=-1.0), ValueError, "backward_tol"),
     (lambda i, W: dynalay.fixed_point(i, W, damping=1.5), ValueError, "damping"),
     (lambda i, W: dynalay.fixed_point(i, W, anderson_m=0), ValueError, "anderson_m"),
+    (lambda i, W: dynalay.fixed_point(i, W, anderson_m=True), ValueError, "anderson_m"),
     (lambda i, W: dynalay.fixed_point(i, W, check="maybe"), ValueError, "check"),
     (lambda i, W: dynalay.fixed_point(i, W, backend="tpu"), ValueError, "backend"),
     (lambda i, W: dynalay.fixed_point(i, W, z0=i[:, :2]), ValueError, "z0"),

@@ -23,6 +23,22 @@ def test_fpilayer_forward_backward_and_stats(dtype):
     assert torch.isfinite(layer.weight.grad).all()
 
 
+def test_fpilayer_z0_with_the_leading_dimensions_of_x():
+    """A start ``z0`` shaped like the output (leading dimensions of x) or already flattened: the
+    same solve; a warm start at the fixed point converges at once."""
+    torch.manual_seed(2)
+    layer = FPILayer(4, 6, tol=1e-8, max_iter=300, backend="torch").double().eval()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    z = layer(x)
+    z_nd = layer(x, z0=z)
+    assert layer.last_stats.iters.max() <= 2
+    z_flat = layer(x, z0=z.reshape(10, 6))
+    torch.testing.assert_close(z_nd, z_flat, rtol=0, atol=0)
+    torch.testing.assert_close(z_nd, z, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="z0"):
+        layer(x, z0=z[:, :4])
+
+
 def test_spectral_bound_holds_through_training():
     torch.manual_seed(0)
     layer = FPILayer(4, 16, spectral_bound=0.8)

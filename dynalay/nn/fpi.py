@@ -103,7 +103,8 @@ class FPILayer(nn.Module):
         **solve_kwargs: any argument of ``dynalay.fixed_point`` (tol, max_iter, solver, backward, ...),
             validated here.
 
-    ``forward(x)`` returns ``z`` (``x``: ``(..., in_features)``).  ``last_stats`` holds the last
+    ``forward(x, z0=None)`` returns ``z`` (``x``: ``(..., in_features)``, ``z0`` with the same leading
+    dimensions).  ``last_stats`` holds the last
     forward solve's ``FixedPointResult`` (detached).
     """
 
@@ -127,8 +128,12 @@ class FPILayer(nn.Module):
         return self.spectral(self.weight) if self.spectral is not None else self.weight
 
     def forward(self, x: Tensor, z0: Optional[Tensor] = None) -> Tensor:
+        """``x``: ``(..., in_features)``; ``z0`` (optional start): ``(..., hidden_features)`` with the
+        same leading dimensions, or already flattened to ``(N, hidden_features)``."""
         lead = x.shape[:-1]
         inj = self.U(x.reshape(-1, x.shape[-1]))
+        if z0 is not None and isinstance(z0, Tensor) and z0.dim() > 2 and z0.shape[:-1] == lead:
+            z0 = z0.reshape(-1, z0.shape[-1])
         res = fixed_point(inj, self.effective_weight(), z0=z0, **self.solve_kwargs)
         if not torch.compiler.is_compiling():
             self.last_stats = FixedPointResult(res.z.detach(), res.iters, res.residual, res.converged)

@@ -51,8 +51,11 @@ class SolverConfig:
         # may be a SymFloat (dynamic=True, or a value that changed between calls), and these
         # compare it without forcing a graph break.
         p = prefix
-        if not is_real(self.tol) or not (0 < self.tol < math.inf):
-            raise ValueError(f"{p}tol must be a finite float > 0 (got {self.tol!r})")
+        if not is_real(self.tol) or not (EPS_MIN <= self.tol < math.inf):
+            # as eps: a float32 solve would compare its residuals with a tol rounded to 0 (never
+            # converged) where cpp, which compares in double, converges
+            raise ValueError(f"{p}tol must be a finite float >= {EPS_MIN:.4g} (float32's smallest normal) "
+                             f"(got {self.tol!r})")
         if not isinstance(self.max_iter, int) or isinstance(self.max_iter, bool) or not (1 <= self.max_iter < 2**31):
             # iters are int32
             raise ValueError(f"{p}max_iter must be an int in [1, 2**31 - 1] (got {self.max_iter!r})")
@@ -63,7 +66,8 @@ class SolverConfig:
             raise ValueError(f"{p}solver must be one of {allowed} (got {self.solver!r}){hint}")
         if not is_real(self.damping) or not (0.0 < self.damping <= 1.0):
             raise ValueError(f"{p}damping must be in (0, 1] (got {self.damping!r})")
-        if not isinstance(self.anderson_m, int) or not (1 <= self.anderson_m <= 32):
+        m = self.anderson_m
+        if not isinstance(m, int) or isinstance(m, bool) or not (1 <= m <= 32):
             raise ValueError(f"{p}anderson_m must be an int in [1, 32] (got {self.anderson_m!r})")
         if not is_real(self.anderson_lam) or not (0 <= self.anderson_lam < math.inf):
             raise ValueError(f"{p}anderson_lam must be a finite float >= 0 (got {self.anderson_lam!r})")

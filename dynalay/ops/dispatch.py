@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ._common import (autocast_inputs, cast, check_finite, check_func_transforms, checks_off, check_tensor,
-                      compute_dtype, eager_function, no_autocast, report, run_solve, shared_routing,
-                      tracing)
-from .fixed_point import (REST_CHECK, REST_MAX_ITER, fold_for_vmap, fused_implicit_grads, grouped_linear,
-                          grouped_wgrad, has_fused_backward, implicit_grads, phantom_grads, prepare_solve_args)
+from ._common import (CHECKS, autocast_inputs, cast, check_choice, check_finite, check_func_transforms, check_int,
+                      checks_off, check_tensor, compute_dtype, eager_function, no_autocast, report, run_solve,
+                      shared_routing, tracing)
+from .fixed_point import (REST_CHECK, REST_MAX_ITER, _grouped_linear, _grouped_wgrad, fold_for_vmap,
+                          fused_implicit_grads, has_fused_backward, implicit_grads, phantom_grads, prepare_solve_args)
 
 
 class Routing(NamedTuple):
@@ -103,10 +103,8 @@ def route(actions: Tensor, num_layers: int, block_m: int = 32, *, check: str = "
     """Grouping metadata for ``actions`` (``(B,)`` int64 in ``[0, num_layers]``, ``num_layers``
     meaning NOP): per-layer counts and offsets, a stable permutation (NOP rows last) and per-tile
     ``(layer, row_start)`` tables for ``block_m``-row tiles.  All sizes are static upper bounds."""
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be an int >= 1 (got {num_layers!r})")
-    if not isinstance(block_m, int) or block_m < 1:
-        raise ValueError(f"block_m must be an int >= 1 (got {block_m!r})")
+    check_int("num_layers", num_layers, 1)
+    check_int("block_m", block_m, 1)
     if not isinstance(actions, Tensor):
         raise TypeError(f"actions must be a torch.Tensor (got {type(actions).__name__})")
     _check_actions(actions, actions.shape[0] if actions.dim() == 1 else -1, num_layers, actions.device, check)
@@ -185,17 +183,17 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
     gc = cast(g, cd)
     gz = torch.where(nop, torch.zeros_like(gc), gc)
     if ctx.backward == "phantom":
-        inj = grouped_linear(h, U, b, actions, False, ctx.backend)
+        inj = _grouped_linear(h, U, b, actions, False, ctx.backend)
         u, dW = phantom_grads(h_new, inj, gz, W, actions, ctx.phantom[0], ctx.phantom[1], ctx.backend, need_W)
     else:
         u, dW = implicit_grads(h_new, gz, W, actions, ctx.bcfg, ctx.check, ctx.backend, need_W)
     dh = dU = db = None
     if need_h:
-        dh = grouped_linear(u, cast(U, cd), None, actions, True, ctx.backend)
+        dh = _grouped_linear(u, cast(U, cd), None, actions, True, ctx.backend)
         dh = cast(torch.where(nop, gc, dh), ctx.dtypes[0])
     if need_U or need_b:  # one grouped reduction for both: x = [h, 1]
         x = torch.cat([cast(h, cd), h.new_ones(h.shape[0], 1, dtype=cd)], 1)
-        dUb = grouped_wgrad(u, x, actions, L, ctx.backend)
+        dUb = _grouped_wgrad(u, x, actions, L, ctx.backend)
         dU = cast(dUb[..., :H], ctx.dtypes[1]) if need_U else None
         db = cast(dUb[..., H], ctx.dtypes[3]) if need_b else None
     dW = cast(dW, ctx.dtypes[2]) if need_W else None
@@ -272,6 +270,55 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     h_new, it, conv, res = op(h, actions, U, W, b, *solve_args, be, b_be)
     report("forward", conv, res, max_iter, data_check)
     return DynamicStepResult(h_new, it, conv)
+
+
+# --------------------------------------------------------------------------------------------
+# the grouped building blocks, checked (the backward formulas call the ops unchecked)
+# --------------------------------------------------------------------------------------------
+def _check_grouped_rows(x_name: str, x: Tensor, actions: Tensor, num_layers: int, check: str):
+    check_tensor(x_name, x, 2)
+    _check_actions(actions, x.shape[0], num_layers, x.device, "none" if tracing(x, actions) else check)
+
+
+def grouped_linear(x: Tensor, U: Tensor, b: Optional[Tensor], actions: Tensor, transpose: bool = False,
+                   backend: Optional[str] = None, *, check: str = "warn") -> Tensor:
+    """Grouped GEMM by action: ``y_i = x_i U[a_i]^T + b[a_i]`` (``transpose=True``: ``x_i U[a_i]``),
+    ``0`` for rows with ``a_i == L`` (NOP).  ``x``: ``(B, K)``; ``U``: ``(L, N, K)`` (transposed:
+    ``(L, K, N)``); ``b``: ``(L, N)`` or None; ``actions``: ``(B,)`` int64 in ``[0, L]``.
+    Differentiable in ``x``, ``U`` and ``b``; accumulates in float32 (float64 for float64).  Shapes,
+    dtypes and devices are checked, and the actions' range unless ``check="none"``."""
+    check_choice("check", check, CHECKS)
+    if not isinstance(transpose, bool):
+        raise TypeError(f"transpose must be a bool (got {type(transpose).__name__})")
+    check_tensor("U", U, 3)
+    _check_grouped_rows("x", x, actions, U.shape[0], check)
+    check_tensor("U", U, 3, dtype=x.dtype, device=x.device)
+    L, (n_out, k_in) = U.shape[0], ((U.shape[2], U.shape[1]) if transpose else (U.shape[1], U.shape[2]))
+    if L < 1 or x.shape[1] != k_in:
+        raise ValueError(f"U must have shape (L >= 1, {'K, N' if transpose else 'N, K'}) with K = x.shape[1] = "
+                         f"{x.shape[1]} (got {tuple(U.shape)}, transpose={transpose})")
+    if b is not None:
+        check_tensor("b", b, 2, dtype=x.dtype, device=x.device)
+        if tuple(b.shape) != (L, n_out):
+            raise ValueError(f"b must have shape ({L}, {n_out}) (got {tuple(b.shape)})")
+    be = backends.select(x.device, x.dtype, ("picard",), backend, "dynamic_step")
+    return _grouped_linear(x, U, b, actions, transpose, be)
+
+
+def grouped_wgrad(u: Tensor, x: Tensor, actions: Tensor, num_layers: int, backend: Optional[str] = None, *,
+                  check: str = "warn") -> Tensor:
+    """Per-layer weight-gradient reduction: ``out[l] = sum over rows i with a_i == l of u_i^T x_i``,
+    ``(num_layers, N, K)`` for ``u (B, N)`` and ``x (B, K)``; NOP rows (``a_i == num_layers``) add
+    nothing.  Deterministic (no atomics); float32 accumulation (float64 for float64).  Checked as
+    ``grouped_linear``.  Not differentiable (it is a backward formula's reduction)."""
+    check_choice("check", check, CHECKS)
+    check_int("num_layers", num_layers, 1)
+    _check_grouped_rows("u", u, actions, num_layers, check)
+    check_tensor("x", x, 2, dtype=u.dtype, device=u.device)
+    if x.shape[0] != u.shape[0]:
+        raise ValueError(f"x must have {u.shape[0]} rows like u (got shape {tuple(x.shape)})")
+    be = backends.select(u.device, u.dtype, ("picard",), backend, "dynamic_step")
+    return _grouped_wgrad(u, x, actions, num_layers, be)
 
 
 # --------------------------------------------------------------------------------------------

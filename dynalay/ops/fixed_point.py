@@ -184,7 +184,7 @@ def _wgrad_vmap(info, in_dims, u, x, actions, num_layers, backend):
     return out.unflatten(0, (N, num_layers)), 0
 
 
-_grouped_wgrad_op, grouped_wgrad = _register("grouped_wgrad", _grouped_wgrad_impl, 3, _wgrad_vmap)
+_grouped_wgrad_op, _grouped_wgrad = _register("grouped_wgrad", _grouped_wgrad_impl, 3, _wgrad_vmap)
 
 
 @_grouped_wgrad_op.register_fake
@@ -224,16 +224,16 @@ def _gl_backward(ctx, gy):
     L = U.shape[0]
     dx = dU = db = None
     if ctx.needs_input_grad[0]:
-        dx = grouped_linear(gy, U, None, actions, not ctx.transpose, ctx.backend).to(ctx.dtypes[0])
+        dx = _grouped_linear(gy, U, None, actions, not ctx.transpose, ctx.backend).to(ctx.dtypes[0])
     if ctx.needs_input_grad[1]:
         if ctx.transpose:   # y = x U[a]  (U: (L, K, N)) -> dU[l] = sum x^T gy
-            dU = grouped_wgrad(x, gy, actions, L, ctx.backend)
+            dU = _grouped_wgrad(x, gy, actions, L, ctx.backend)
         else:               # y = x U[a]^T (U: (L, N, K)) -> dU[l] = sum gy^T x
-            dU = grouped_wgrad(gy, x, actions, L, ctx.backend)
+            dU = _grouped_wgrad(gy, x, actions, L, ctx.backend)
         dU = dU.to(ctx.dtypes[1])
     if ctx.has_b and ctx.needs_input_grad[2]:
         ones = gy.new_ones(gy.shape[0], 1)
-        db = grouped_wgrad(gy, ones, actions, L, ctx.backend)[..., 0].to(ctx.dtypes[2])
+        db = _grouped_wgrad(gy, ones, actions, L, ctx.backend)[..., 0].to(ctx.dtypes[2])
     return dx, dU, db, None, None, None
 
 
@@ -244,8 +244,8 @@ def _gl_vmap(info, in_dims, x, U, b, actions, transpose, backend):
     return _grouped_linear_op(x_f, U_f, b_f, a_f, transpose, backend).unflatten(0, (N, B)), 0
 
 
-_grouped_linear_op, grouped_linear = _register("grouped_linear", _grouped_linear_impl, 4, _gl_vmap, _gl_backward,
-                                                   _gl_setup)
+_grouped_linear_op, _grouped_linear = _register("grouped_linear", _grouped_linear_impl, 4, _gl_vmap, _gl_backward,
+                                                 _gl_setup)
 _grouped_linear_op.register_autograd(_gl_backward, setup_context=_gl_setup)
 
 
@@ -263,7 +263,7 @@ def _apply_W(z: Tensor, W: Tensor, actions: Optional[Tensor], transpose: bool, b
     """z W[a]^T (transpose=False) or z W[a] (transpose=True), rows of NOP give 0."""
     if actions is None:
         return z @ W[0] if transpose else z @ W[0].t()
-    return grouped_linear(z, W, None, actions, transpose, backend)
+    return _grouped_linear(z, W, None, actions, transpose, backend)
 
 
 def implicit_grads(z: Tensor, gz: Tensor, W: Tensor, actions: Optional[Tensor], bcfg: Tuple, check: str,
@@ -273,7 +273,7 @@ def implicit_grads(z: Tensor, gz: Tensor, W: Tensor, actions: Optional[Tensor], 
     if not no_values(it):
         last_backward_stats.update(iters=it, residual=res, converged=conv)
     report("backward (adjoint)", conv, res, bcfg[1], check)
-    dW = grouped_wgrad(u, z, actions, W.shape[0], backend) if want_W else None
+    dW = _grouped_wgrad(u, z, actions, W.shape[0], backend) if want_W else None
     return u, dW
 
 
@@ -323,7 +323,7 @@ def phantom_grads(z: Tensor, inj: Tensor, gz: Tensor, W: Tensor, actions: Option
             u = torch.where(active, u, torch.zeros_like(u))
         dinj = dinj + u
         if want_W:
-            dW = dW + grouped_wgrad(u, zs[j], actions, W.shape[0], backend)
+            dW = dW + _grouped_wgrad(u, zs[j], actions, W.shape[0], backend)
         a = (1.0 - lam) * a + _apply_W(u, Wc, actions, True, backend)
     return dinj, dW
 
