@@ -12,7 +12,7 @@ import torch
 
 from dynalay.models import DynaLay
 from dynalay.train import report as R
-from dynalay.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dynalay.train.checkpoint import CheckpointError, digest, load_checkpoint, save_checkpoint
 from dynalay.train.cli import load_trained
 from dynalay.train.data import load_data
 from dynalay.train.trainer import TrainConfig, Trainer, TrainingDiverged
@@ -118,6 +118,18 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(trained, tmp_path):
     torch.save(ck, str(flipped))
     with pytest.raises(CheckpointError, match="SHA-256"):
         load_checkpoint(str(flipped))
+    # the configuration, position and metadata are covered too: one changed setting loaded silently
+    # would change the predictions
+    edits = [lambda c: c["meta"]["model"].update(max_iter=c["meta"]["model"]["max_iter"] + 3),
+             lambda c: c["train_config"].update(knob=0.5),
+             lambda c: c.update(position=[c["position"][0], c["position"][1] + 1]),
+             lambda c: c.update(data_mean=c["data_mean"] + 1e-3)]
+    for edit in edits:
+        ck = torch.load(good, weights_only=True)
+        edit(ck)
+        torch.save(ck, str(flipped))
+        with pytest.raises(CheckpointError, match="SHA-256"):
+            load_checkpoint(str(flipped))
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, str(foreign))
     with pytest.raises(CheckpointError, match="not a dynalay checkpoint"):
@@ -141,6 +153,7 @@ def test_checkpoint_from_before_the_logodds_feature_loads_as_trained(trained, di
     assert model.cfg.agent_conf == "logodds" and tr.cfg.agent_lr_decay == "linear"  # the defaults
     ck = torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)
     del ck["meta"]["model"]["agent_conf"], ck["train_config"]["agent_conf"], ck["train_config"]["agent_lr_decay"]
+    ck["version"], ck["sha256"] = 1, digest(ck["state"])  # such files are version 1: the hash covers the state
     old = tmp_path / "old.pt"
     torch.save(ck, str(old))
     cfg, _, m2, _, _ = load_trained(str(old))

@@ -1,11 +1,14 @@
 """Checkpoints: written atomically (temporary file in the same folder, fsync, ``os.replace``), with
-a format tag, a version, the configuration and a SHA-256 of every tensor, so that a truncated,
-corrupt or foreign file, or one written for another configuration, gives a clear
-:class:`CheckpointError` instead of a half-loaded model."""
+a format tag, a version, the configuration and a SHA-256 over the whole payload (every tensor, and
+the configuration, position and metadata), so that a truncated, corrupt or foreign file, or one
+written for another configuration, gives a clear :class:`CheckpointError` instead of a half-loaded
+(or silently different) model.  Version 1 files (whose SHA-256 covered the tensors of ``state``
+only) still load."""
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tempfile
 from typing import Any, Dict, Optional
@@ -13,7 +16,8 @@ from typing import Any, Dict, Optional
 import torch
 
 FORMAT = "dynalay-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(RuntimeError):
@@ -42,6 +46,26 @@ def digest(obj) -> str:
     return h.hexdigest()
 
 
+def _skeleton(obj):
+    """``obj`` with every tensor replaced by a marker: the non-tensor part, for ``payload_digest``."""
+    if isinstance(obj, torch.Tensor):
+        return "<tensor>"
+    if isinstance(obj, dict):
+        return {str(k): _skeleton(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_skeleton(v) for v in obj]
+    return obj
+
+
+def payload_digest(payload: Dict[str, Any]) -> str:
+    """SHA-256 over every entry of a checkpoint but its own ``sha256``: the tensors (``digest``)
+    and the rest as canonical JSON (sorted keys; floats by their repr)."""
+    body = {k: v for k, v in payload.items() if k != "sha256"}
+    h = hashlib.sha256(digest(body).encode())
+    h.update(json.dumps(_skeleton(body), sort_keys=True, default=repr).encode())
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> str:
     """Write ``payload`` (a dict; must hold ``"state"``) to ``path`` atomically."""
     if "state" not in payload:
@@ -49,7 +73,8 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> str:
     for name, t in _tensors(payload["state"]):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"refusing to save a checkpoint with non-finite values in {name}")
-    full = dict(payload, format=FORMAT, version=VERSION, sha256=digest(payload["state"]))
+    full = dict(payload, format=FORMAT, version=VERSION)
+    full["sha256"] = payload_digest(full)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-ckpt-", suffix=".pt")
@@ -96,11 +121,18 @@ def load_checkpoint(path: str, expect: Optional[Dict[str, Any]] = None) -> Dict[
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a dynalay checkpoint (format tag missing)")
-    if obj.get("version") != VERSION:
-        raise CheckpointError(f"{path!r} has checkpoint version {obj.get('version')!r}; this dynalay reads "
-                              f"version {VERSION}")
-    if "state" not in obj or digest(obj["state"]) != obj.get("sha256"):
-        raise CheckpointError(f"checkpoint {path!r} is corrupt: its tensors do not match the stored SHA-256")
+    version = obj.get("version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path!r} has checkpoint version {version!r}; this dynalay reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if "state" not in obj:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: it has no 'state'")
+    if version == 1:  # the SHA-256 covered the tensors of state only
+        ok, what = digest(obj["state"]) == obj.get("sha256"), "its tensors do not"
+    else:
+        ok, what = payload_digest(obj) == obj.get("sha256"), "its contents (tensors or configuration) do not"
+    if not ok:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: {what} match the stored SHA-256")
     _upgrade(obj)
     if expect:
         meta = obj.get("meta", {})
