@@ -136,6 +136,46 @@ def test_hard_budget_is_never_exceeded(seed):
             m.run(x, budget=lo * 0.5)
 
 
+@pytest.mark.parametrize("nop_bias", [-3.0, -math.inf])
+def test_hard_budget_ties_are_broken_by_row_order(nop_bias):
+    """Rows of equal preference (duplicate inputs; or an infinite nop_bias, which makes every
+    preference +inf) are admitted in row order, so ``compact=False`` stays identical to
+    compaction under a budget; an enormous finite budget is no budget."""
+    m = _model(7, max_iter=7)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        x = torch.randn(6, 12, generator=g).repeat(5, 1)  # every input five times
+        full = m.run(x, nop_bias=nop_bias).flops.mean().item()
+        lo = m.costs.encoder + m.costs.head + m.costs.agent
+        for frac in (0.1, 0.3, 0.5, 0.7, 0.9):
+            budget = lo + frac * (full - lo)
+            a = m.run(x, budget=budget, nop_bias=nop_bias, details=True)
+            b = m.run(x, budget=budget, nop_bias=nop_bias, details=True, compact=False)
+            assert torch.equal(a.actions, b.actions) and torch.equal(a.flops, b.flops)
+            assert a.flops.sum().item() <= budget * x.shape[0] * (1 + 1e-12)
+            assert torch.equal(a.logits, b.logits)
+        for huge in (1e308, 1.7976931348623157e308):
+            assert torch.equal(m.run(x, budget=huge, nop_bias=nop_bias).flops, m.run(x, nop_bias=nop_bias).flops)
+
+
+@pytest.mark.parametrize("nop_bias", [math.inf, -math.inf])
+def test_infinite_nop_bias_with_the_sampled_policy(nop_bias):
+    """+inf: every row stops at once (the softmax's limit), -inf: no row stops before the last
+    step; the training fields stay finite (log-prob 0 / entropy 0 where one action is certain)."""
+    m = _model(8).train()
+    x = torch.randn(9, 12)
+    out = m.run(x, policy="sample", record=True, nop_bias=nop_bias, generator=torch.Generator().manual_seed(0))
+    steps = ((out.actions >= 0) & (out.actions < m.nop)).sum(1)  # -1: after the row stopped
+    assert (steps == (0 if nop_bias > 0 else m.cfg.max_steps)).all()
+    assert torch.isfinite(out.log_probs).all() and torch.isfinite(out.entropy).all()
+    if nop_bias > 0:
+        assert (out.log_probs == 0).all() and (out.entropy == 0).all()
+    (out.log_probs.sum() + out.entropy.sum() + out.values.sum()).backward()
+    with torch.no_grad():
+        g = m.eval().run(x, policy="sample", nop_bias=nop_bias, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(g.flops, m.run(x, nop_bias=nop_bias).flops)  # the greedy policy agrees
+
+
 def test_knobs_move_compute():
     m = _model(4)
     with torch.no_grad():

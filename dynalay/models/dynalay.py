@@ -425,15 +425,17 @@ class DynaLay(nn.Module):
         L = self.cfg.num_layers
         want = live & (a != L)
         n_want = int(want.sum())
-        k = max(0, int(math.floor(remaining / per_row + 1e-9)))
-        if n_want <= k:
+        room = remaining / per_row + 1e-9  # inf for a huge budget: never converted to an int
+        if n_want <= room:
             return a
-        pref = (g[:, :L].amax(1) - g[:, L]).detach().float()
-        pref = torch.where(want, pref, torch.full_like(pref, -math.inf))
-        keep = torch.zeros_like(want)
-        if k > 0:
-            keep[pref.topk(k).indices] = True
-        return torch.where(want & ~keep, torch.full_like(a, L), a)
+        k = max(0, int(math.floor(room)))
+        rows = want.nonzero().squeeze(1)  # ascending: the same order with and without compaction
+        pref = (g[rows, :L].amax(1) - g[rows, L]).detach().float()
+        # a stable sort: equal preferences (duplicate rows, an infinite nop_bias) go by row order
+        keep = rows[torch.sort(pref, descending=True, stable=True).indices[:k]]
+        stop = want.clone()
+        stop[keep] = False
+        return torch.where(stop, torch.full_like(a, L), a)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, lam: Optional[float] = None, nop_bias: float = 0.0,
@@ -631,14 +633,21 @@ class DynaLay(nn.Module):
                 g = self.policy(f, t)
                 if bias_vec is not None:
                     g = g + bias_vec
+                nop_only = nop_bias == math.inf  # the softmax's limit: NOP with probability 1
                 if policy == "greedy":
                     a = g.argmax(1)
+                elif nop_only:
+                    a = torch.full((n,), L, dtype=i64, device=dev)
                 else:
                     a = torch.multinomial(F.softmax(g.detach().float(), 1), 1, generator=generator).squeeze(1)
                 if record:
-                    logp_all = F.log_softmax(g, 1)
+                    if nop_only:
+                        logp_all = torch.full_like(g, -math.inf).index_fill(1, torch.tensor([L], device=dev), 0.0)
+                    else:
+                        logp_all = F.log_softmax(g, 1)  # a -inf NOP logit (nop_bias=-inf): log-prob -inf
                     lp = logp_all.gather(1, a[:, None]).squeeze(1)
-                    en = -(logp_all.exp() * logp_all).sum(1)
+                    p_all = logp_all.exp()
+                    en = -torch.where(p_all > 0, p_all * logp_all, torch.zeros_like(p_all)).sum(1)
                     onehot_t = f.new_zeros(n, T)
                     onehot_t[:, t] = 1.0
                     v = self.value(torch.cat([f.detach(), onehot_t], 1)).squeeze(1)
