@@ -296,6 +296,18 @@ def test_cli_train_then_eval_reproduces(tmp_path):
     r3 = subprocess.run([sys.executable, "-m", "dynalay", "train", "--seeds", "1", "--out", str(out)] + TINY_FLAGS,
                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r3.returncode == 2 and "--resume" in r3.stderr
+    # a resume must not mix configurations, and a refused one changes nothing; evaluation-only
+    # settings may change
+    config = (out / "config.json").read_text()
+    for other in (["--hidden", "32"], ["--dataset", "mnist1d"], ["--seed-base", "3"]):
+        r5 = subprocess.run([sys.executable, "-m", "dynalay", "train", "--seeds", "1", "--out", str(out), "--resume"]
+                            + TINY_FLAGS + other, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        assert r5.returncode == 2 and ("another configuration" in r5.stderr or "--seed-base" in r5.stderr), r5.stderr
+        assert (out / "config.json").read_text() == config
+    r6 = subprocess.run([sys.executable, "-m", "dynalay", "train", "--seeds", "1", "--out", str(out), "--resume"]
+                        + TINY_FLAGS + ["--timing-repeats", "2"], capture_output=True, text=True, timeout=300,
+                        cwd=ROOT, env=env)
+    assert r6.returncode == 0 and "already done" in r6.stdout, r6.stderr[-3000:]
     ck = out / "seed0" / "checkpoint.pt"
     ck.write_bytes(ck.read_bytes()[:1000])
     r4 = subprocess.run([sys.executable, "-m", "dynalay", "eval", "--checkpoint", str(ck), "--no-timing"],
@@ -392,6 +404,25 @@ def test_tree_method_refuses_a_tree_too_large(digits):
         Trainer(cfg, digits, None, progress=False)
     Trainer(TrainConfig(**dict(TINY, hidden=16, num_layers=6, max_steps=6, agent_method="reinforce")), digits, None,
             progress=False)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--threads", "0"], "--threads"), (["eval", "--checkpoint", "x", "--threads", "-1"], "--threads"),
+    (["eval", "--checkpoint", "x", "--knob", "nan"], "--knob"), (["train", "--knob", "nan"], "knob"),
+    (["train", "--knob", "-1"], "knob"), (["train", "--lr", "nan"], "lr must"), (["train", "--tol", "0"], "tol"),
+    (["train", "--max-iter", "0"], "max_iter"), (["train", "--hidden", "0"], "hidden"),
+    (["train", "--steps", "0"], "max_steps"), (["train", "--seeds", "0"], "--seeds"),
+    (["train", "--out", "FILE"], "not a folder")])
+def test_cli_rejects_bad_flags_before_any_work(argv, match, tmp_path, capsys):
+    from dynalay.cli import main
+    f = tmp_path / "file"
+    f.write_text("x")
+    argv = [str(f) if a == "FILE" else a for a in argv]
+    if argv[0] == "train" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_agent_flags_reach_the_config():

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .. import _ext, backends
 from ..nn.dynamic import DynamicFPIStep
-from ..ops._common import SolverConfig, check_finite, is_real, tracing
+from ..ops._common import EPS_MIN, SolverConfig, check_finite, is_real, tracing
 from ..ops.dispatch import dynamic_step
 
 __all__ = ["DynaLayConfig", "DynaLay", "DynaLayOutput", "CostModel", "Policy", "MLPBaseline", "mlp_hidden_for_params",
@@ -106,8 +106,8 @@ class DynaLayConfig:
                 raise ValueError(f"DynaLayConfig.{k} must be an int >= {lo} (got {v!r})")
         if self.num_classes < 2:
             raise ValueError("DynaLayConfig.num_classes must be >= 2")
-        if not (self.tol > 0 and math.isfinite(self.tol)):
-            raise ValueError(f"DynaLayConfig.tol must be a finite float > 0 (got {self.tol!r})")
+        if not (self.tol >= EPS_MIN and math.isfinite(self.tol)):  # as the ops require
+            raise ValueError(f"DynaLayConfig.tol must be a finite float >= {EPS_MIN:.4g} (got {self.tol!r})")
         if self.agent_conf not in CONF_FEATURES:
             raise ValueError(f"DynaLayConfig.agent_conf must be one of {CONF_FEATURES} (got {self.agent_conf!r})")
         if not (0 < self.lam_min < self.lam_max):

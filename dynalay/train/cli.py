@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import List
+from typing import List, Optional
 
 from .reward import ACCURACY_TERMS
 from .trainer import AGENT_METHODS, BASELINES, TrainConfig
@@ -99,6 +99,33 @@ def _build_config(args):
     return cfg.validate()
 
 
+# TrainConfig fields that only change how a run is evaluated or timed: a resume may set them anew
+RESUME_FREE = ("timing_repeats", "latency_batches", "latency_repeats", "ckpt_every")
+
+
+def _resume_mismatch(out: str, cfg, seed_base: int) -> Optional[str]:
+    """Why ``--resume`` of the run in ``out`` with ``cfg`` would mix two configurations (None: it
+    would not).  A run without ``config.json`` (stopped before writing it) has nothing to match."""
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        stored = dict(old["train_config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its config.json is unreadable ({e})"
+    new = cfg.to_dict()
+    diff = sorted(k for k in set(stored) | set(new) if k not in RESUME_FREE and stored.get(k) != new.get(k))
+    if diff:
+        return ("it was started with another configuration: "
+                + ", ".join(f"{k} {stored.get(k)!r} there, {new.get(k)!r} here" for k in diff[:6])
+                + (" ..." if len(diff) > 6 else ""))
+    if old.get("seed_base", 0) != seed_base:
+        return f"it was started with --seed-base {old.get('seed_base')}, not {seed_base}"
+    return None
+
+
 def _fmt_time(s: float) -> str:
     return f"{int(s // 60)}m{s % 60:04.1f}s"
 
@@ -114,11 +141,14 @@ def cmd_train(args) -> int:
     from .trainer import Trainer, TrainingDiverged, init_distributed, set_threads
 
     t_start = time.perf_counter()
-    dist = init_distributed()
-    threads = set_threads(args.threads, dist.world)
-    log = print if dist.is_main else (lambda *a, **k: None)
     if args.seeds < 1:
-        print("--seeds must be >= 1", file=sys.stderr)
+        print("dynalay train: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"dynalay train: --threads must be >= 1 (got {args.threads})", file=sys.stderr)
+        return 2
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"dynalay train: --out {args.out} exists and is not a folder", file=sys.stderr)
         return 2
     try:
         cfg0 = _build_config(args)
@@ -128,6 +158,14 @@ def cmd_train(args) -> int:
     if args.resume and not args.out:
         print("dynalay train: --resume needs --out RUN_FOLDER", file=sys.stderr)
         return 2
+    if args.resume:
+        why = _resume_mismatch(args.out, cfg0, args.seed_base)
+        if why:
+            print(f"dynalay train: cannot resume {args.out}: {why}; nothing was changed", file=sys.stderr)
+            return 2
+    dist = init_distributed()
+    threads = set_threads(args.threads, dist.world)
+    log = print if dist.is_main else (lambda *a, **k: None)
     out = args.out or os.path.join("runs", f"{args.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     if dist.world > 1 and not args.out:  # all ranks must agree on the folder
         obj = [out]
@@ -261,6 +299,12 @@ def cmd_eval(args) -> int:
     from .checkpoint import CheckpointError
     from .trainer import set_threads
 
+    if args.threads is not None and args.threads < 1:
+        print(f"dynalay eval: --threads must be >= 1 (got {args.threads})", file=sys.stderr)
+        return 2
+    if args.knob is not None and not (0 <= args.knob < float("inf")):
+        print(f"dynalay eval: --knob must be a finite lambda >= 0 (got {args.knob})", file=sys.stderr)
+        return 2
     set_threads(args.threads)
     paths = _checkpoints(args.checkpoint)
     if not paths:

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from ..models import DynaLay, DynaLayConfig, MLPBaseline, mlp_hidden_for_params
 from ..models.dynalay import Policy, config_from_dict
-from ..ops._common import check_finite
+from ..ops._common import check_finite, is_real
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataBundle
 from .reward import RewardConfig, compute_rewards
@@ -180,6 +180,31 @@ class TrainConfig:
             raise ValueError("mix_prob must be in [0, 1]")
         if len(self.knobs) < 1:
             raise ValueError("knobs needs at least one value")
+        for k in ("lr", "mlp_lr", "agent_lr", "grad_clip"):
+            v = getattr(self, k)
+            if not is_real(v) or not (0 < v < math.inf):
+                raise ValueError(f"{k} must be a finite number > 0 (got {v!r})")
+        for k in ("weight_decay", "entropy_beta", "value_coef", "ds_weight", "h0_weight", "knob_tolerance"):
+            v = getattr(self, k)
+            if not is_real(v) or not (0 <= v < math.inf):
+                raise ValueError(f"{k} must be a finite number >= 0 (got {v!r})")
+        if not (0 < self.val_fraction < 1):
+            raise ValueError(f"val_fraction must be in (0, 1) (got {self.val_fraction!r})")
+        if self.knob is not None and (not is_real(self.knob) or not (0 <= self.knob < math.inf)):
+            raise ValueError(f"knob (the default lambda) must be None or a finite number >= 0 (got {self.knob!r})")
+        if any(not is_real(v) or not (0 <= v < math.inf) for v in self.knobs):
+            raise ValueError(f"knobs must be finite lambdas >= 0 (got {self.knobs!r})")
+        if any(not is_real(v) or v != v for v in self.exit_thresholds):
+            raise ValueError(f"exit_thresholds must be numbers (got {self.exit_thresholds!r})")
+        if self.eval_batch < 1 or self.timing_repeats < 1 or self.ckpt_every < 1:
+            raise ValueError("eval_batch, timing_repeats and ckpt_every must be >= 1")
+        # the model's own fields (hidden, layers, steps, tol, max_iter, ...), named as flags name them
+        DynaLayConfig(in_features=1, num_classes=2, hidden=self.hidden, num_layers=self.num_layers,
+                      max_steps=self.max_steps, tol=self.tol, max_iter=self.max_iter,
+                      backward_max_iter=self.backward_max_iter, spectral_bound=self.spectral_bound,
+                      agent_state_dim=self.agent_state_dim, agent_hidden=self.agent_hidden,
+                      agent_conf=self.agent_conf, lam_min=self.lam_min, lam_max=self.lam_max,
+                      backend=self.backend).validate()
         if any(int(b) < 1 for b in self.latency_batches) or self.latency_repeats < 1:
             raise ValueError("latency_batches must be batch sizes >= 1 and latency_repeats >= 1")
         self.reward.validate()
