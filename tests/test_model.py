@@ -216,6 +216,33 @@ def test_input_validation():
         head_stats(torch.randn(3, 4), "entropy")
 
 
+@pytest.mark.parametrize("x, lam, match", [
+    (torch.randn(5, 12, dtype=torch.float64), None, "model's dtype"),
+    (torch.randn(5, 12, dtype=torch.float16), None, "model's dtype"),
+    (torch.randn(5, 12, device="meta"), None, "model's dtype and device"),
+    (torch.randn(5, 12), torch.full((3,), 0.1), r"lam as a tensor .*\(3,\)"),
+    (torch.randn(5, 12), torch.full((5, 1), 0.1), r"lam as a tensor .*\(5, 1\)"),
+    (torch.randn(5, 12), torch.ones(5, dtype=torch.int64), "lam as a tensor .*int64"),
+    (torch.randn(5, 12), torch.ones(5, device="meta"), "lam as a tensor .*meta"),
+])
+def test_run_names_a_mismatched_input_or_lambda(x, lam, match):
+    """x of another dtype/device than the model and a lambda tensor of the wrong shape, dtype or
+    device: a ValueError naming it (they used to fail deep inside torch: 'mat1 and mat2 must have
+    the same dtype', 'The expanded size ... must match'; an int64 lambda ran)."""
+    m = _model()
+    with pytest.raises(ValueError, match=match), torch.no_grad():
+        m.run(x, lam=lam)
+
+
+def test_lambda_as_a_scalar_tensor_equals_the_float():
+    m = _model(1)
+    x = torch.randn(9, 12)
+    with torch.no_grad():
+        a, b = m.run(x, lam=torch.tensor(0.1), details=True), m.run(x, lam=0.1, details=True)
+    assert torch.equal(a.actions, b.actions) and torch.equal(a.flops, b.flops)
+    torch.testing.assert_close(a.logits, b.logits)
+
+
 def test_cost_model_charges_the_logodds_feature():
     """The log-odds confidence costs C + 2 FLOPs more per agent evaluation (a sum, a log, a clip)."""
     kw = dict(in_features=12, num_classes=7, hidden=16)

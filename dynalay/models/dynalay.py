@@ -481,6 +481,14 @@ class DynaLay(nn.Module):
         B, dev = x.shape[0], x.device
         if B == 0:
             raise ValueError("x is an empty batch")
+        w_enc = self.encoder.weight
+        if x.dtype != w_enc.dtype or dev != w_enc.device:
+            raise ValueError(f"x must have the model's dtype and device ({w_enc.dtype} on {w_enc.device}; got "
+                             f"{x.dtype} on {dev}): convert the input or the model with .to()")
+        if isinstance(lam, Tensor) and (not lam.is_floating_point() or lam.device != dev
+                                        or tuple(lam.shape) not in ((), (B,))):
+            raise ValueError(f"lam as a tensor must be a floating-point scalar or ({B},) tensor on {dev} (got "
+                             f"{lam.dtype} {tuple(lam.shape)} on {lam.device})")
         if policy not in ("greedy", "sample", "forced"):
             raise ValueError(f"policy must be 'greedy', 'sample' or 'forced' (got {policy!r})")
         use_agent = policy != "forced"
