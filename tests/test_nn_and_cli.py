@@ -52,6 +52,100 @@ def test_spectral_bound_holds_through_training():
     assert sigma <= 0.8 * 1.02
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bound", [0.9, 1.0])
+def test_spectral_bound_holds_at_construction(dtype, bound):
+    """Fresh modules, eval mode (no power step): ||W_eff||_2 <= bound, measured in float64.  With
+    30 power iterations from a random vector the estimate stopped short of sigma when the top
+    singular values were close: 0.9414 for a bound of 0.9, > 1 in 20 of 20 layers for 1.0."""
+    torch.manual_seed(0)
+    for _ in range(6):
+        step = dynalay.nn.DynamicFPIStep(4, 64, spectral_bound=bound, dtype=dtype).eval()
+        lay = FPILayer(8, 64, spectral_bound=bound, dtype=dtype).eval()
+        for W in (step.effective_weight(), lay.effective_weight()):
+            assert torch.linalg.matrix_norm(W.detach().double(), 2).max() <= bound
+    assert step.spectral.u.dtype == dtype and lay.spectral.v.dtype == dtype  # buffers follow dtype=
+
+
+def test_spectral_bound_recovers_from_a_zero_or_nan_weight():
+    """W = 0 made the power iteration's vectors exactly 0, from which it never left: sigma = 0
+    and no bound for any later W.  A NaN in W poisoned them the same way."""
+    torch.manual_seed(3)
+    lay = FPILayer(4, 8, spectral_bound=0.9)
+    for bad in (0.0, float("nan")):
+        with torch.no_grad():
+            lay.weight.fill_(bad)
+        if bad == bad:
+            lay(torch.randn(2, 4))
+        else:  # the solve names the bad weight; the power step ran before it
+            with pytest.raises(ValueError, match="W contains NaN"):
+                lay(torch.randn(2, 4))
+        assert torch.isfinite(lay.spectral.u).all() and lay.spectral.u.norm() > 0.5
+        with torch.no_grad():
+            lay.weight.copy_(5 * torch.eye(8))
+        for _ in range(3):
+            lay(torch.randn(2, 4))
+        assert torch.linalg.matrix_norm(lay.effective_weight().detach().double(), 2) <= 0.9
+    with torch.no_grad():
+        lay.weight.zero_()
+    lay.spectral.reset(lay.weight)  # reset on a zero W, then new weights and reset: exact again
+    with torch.no_grad():
+        lay.weight.copy_(torch.randn(8, 8))
+    lay.spectral.reset(lay.weight)
+    sigma = torch.linalg.matrix_norm(lay.eval().effective_weight().detach().double(), 2)
+    assert 0.9 * (1 - 1e-5) <= sigma <= 0.9
+
+
+def test_modules_called_twice_before_backward():
+    """A module used for several steps (one pool, T steps) or with a regulariser on its
+    effective weight, in train mode: the power step of the second call wrote the vectors that
+    the first call's sigma had saved for backward ('modified by an inplace operation')."""
+    torch.manual_seed(4)
+    lay = FPILayer(8, 8)
+    x = torch.randn(4, 8)
+    lay(lay(x)).sum().backward()
+    (lay(x).sum() + lay.effective_weight().square().sum()).backward()
+    step = dynalay.nn.DynamicFPIStep(2, 8)
+    h, a = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+    step(step(h, a).h, a).h.sum().backward()
+    assert torch.isfinite(step.W.grad).all() and step.W.grad.abs().sum() > 0
+
+
+def test_last_results_not_kept_from_inside_func_transforms():
+    """Under vmap/grad the results are wrappers that die with the transform; the modules kept
+    them and reading last_result later raised 'escaped from inside a function being vmapped'.
+    They now keep the last eager call's results."""
+    torch.manual_seed(5)
+    step = dynalay.nn.DynamicFPIStep(2, 6).eval()
+    h, a = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    eager = step(h, a)
+    torch.func.vmap(step)(torch.randn(3, 5, 6), torch.randint(0, 3, (3, 5)))
+    torch.testing.assert_close(step.last_result.h, eager.h, rtol=0, atol=0)
+    lay = FPILayer(3, 4).eval()
+    lay(torch.randn(2, 3))
+    kept = lay.last_stats
+    torch.func.grad(lambda x: lay(x).sum())(torch.randn(2, 3))
+    assert lay.last_stats is kept and float(lay.last_stats.z.sum()) == float(kept.z.sum())
+
+
+def test_fpilayer_one_dimensional_x_and_z0():
+    lay = FPILayer(7, 11, tol=1e-8, max_iter=300).double().eval()
+    x = torch.randn(7, dtype=torch.float64)
+    z = lay(x)
+    assert z.shape == (11,)
+    torch.testing.assert_close(lay(x, z0=z), z, rtol=0, atol=1e-7)
+    assert lay.last_stats.iters.max() <= 2
+
+
+def test_route_validates_check_and_shape():
+    a = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="check"):
+        dynalay.route(a, 2, check="bogus")
+    for bad in (torch.tensor(1), torch.zeros(2, 3, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="one-dimensional"):
+            dynalay.route(bad, 2)
+
+
 def test_fpilayer_fixed_point_equation_holds():
     torch.manual_seed(1)
     layer = FPILayer(3, 11, tol=1e-7, max_iter=300, backend="torch").double()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.dispatch import DynamicStepResult, dynamic_step
-from ..ops._common import check_int
+from ..ops._common import check_int, recording_allowed
 from .fpi import SpectralBound, check_spectral_bound, validate_solve_kwargs
 
 
@@ -32,7 +32,8 @@ class DynamicFPIStep(nn.Module):
         self.U = nn.Parameter(torch.randn(num_layers, hidden, hidden, **kw) / math.sqrt(hidden))
         self.W = nn.Parameter(torch.randn(num_layers, hidden, hidden, **kw) / math.sqrt(hidden))
         self.b = nn.Parameter(torch.zeros(num_layers, hidden, **kw))
-        self.spectral = SpectralBound((num_layers,), hidden, spectral_bound).to(device) if spectral_bound is not None else None
+        self.spectral = (SpectralBound((num_layers,), hidden, spectral_bound, dtype=dtype).to(device)
+                         if spectral_bound is not None else None)
         if self.spectral is not None:
             self.spectral.reset(self.W)
         self.last_result: Optional[DynamicStepResult] = None
@@ -47,7 +48,7 @@ class DynamicFPIStep(nn.Module):
     def forward(self, h: Tensor, actions: Tensor, **overrides) -> DynamicStepResult:
         kw = dict(self.solve_kwargs, **overrides) if overrides else self.solve_kwargs
         r = dynamic_step(h, actions, self.U, self.effective_weight(), self.b, **kw)
-        if not torch.compiler.is_compiling():
+        if recording_allowed():
             self.last_result = DynamicStepResult(r.h.detach(), r.iters, r.converged)
         return r
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ..ops._common import SolverConfig, check_int
+from ..ops._common import SolverConfig, check_int, recording_allowed
 from ..ops.fixed_point import FixedPointResult, check_backward_args, fixed_point, resolve_backward_config
 
 SOLVE_KEYS = ("tol", "max_iter", "solver", "backward", "damping", "anderson_m", "anderson_lam", "eps",
@@ -47,37 +47,61 @@ def _full_precision(t: Tensor):
     return torch.autocast(dt, enabled=False) if torch.amp.is_autocast_available(dt) else contextlib.nullcontext()
 
 
+def _unit_or_keep(raw: Tensor, old: Tensor) -> Tensor:
+    """``raw`` normalised along the last dim; where its norm is 0 or not finite (``W = 0``, a NaN
+    in ``W``) the previous vector is kept.  Normalising a zero vector gives 0, and power iteration
+    cannot leave 0: the bound would be off for good, whatever ``W`` becomes."""
+    n = torch.linalg.vector_norm(raw, dim=-1, keepdim=True)
+    ok = (n > 0) & torch.isfinite(n)
+    return torch.where(ok, raw / torch.where(ok, n, torch.ones_like(n)), old)
+
+
 class SpectralBound(nn.Module):
     """Keeps ``||W||_2 <= bound`` by rescaling ``W * min(1, bound / sigma(W))``, with ``sigma``
     from power iteration (vectors kept as buffers, one step per training forward, gradients
     through ``sigma`` as in ``torch.nn.utils.spectral_norm``).  ``bound < 1`` makes the tanh
-    map a contraction, so the fixed point exists, is unique, and Picard converges."""
+    map a contraction, so the fixed point exists, is unique, and Picard converges.
 
-    def __init__(self, shape_lead: tuple, H: int, bound: float = 0.9, power_iters: int = 1):
+    ``reset(W)`` (at construction; call it after writing new weights by hand) sets the vectors to
+    ``W``'s exact top singular pair (an SVD), so the bound holds from the start (``sigma`` is
+    inflated by ``H * eps`` of ``W``'s dtype so that rounding cannot cross it).  Training then tracks ``W`` by one power step per forward, as ``spectral_norm`` does:
+    between an optimiser step and the next forward the estimate lags (power iteration
+    underestimates ``sigma``).  Eval mode never updates the vectors: the state dict carries
+    them with the weights."""
+
+    def __init__(self, shape_lead: tuple, H: int, bound: float = 0.9, power_iters: int = 1, *, dtype=None):
         super().__init__()
         if not (0.0 < bound):
             raise ValueError(f"spectral_bound must be > 0 (got {bound!r})")
         self.bound, self.power_iters = float(bound), int(power_iters)
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
         u = torch.randn(*shape_lead, H)
-        self.register_buffer("u", u / u.norm(dim=-1, keepdim=True))
-        self.register_buffer("v", torch.zeros(*shape_lead, H))
+        self.register_buffer("u", (u / u.norm(dim=-1, keepdim=True)).to(dtype))
+        self.register_buffer("v", torch.zeros(*shape_lead, H, dtype=dtype))
 
     @torch.no_grad()
     def _power(self, W: Tensor, iters: int) -> None:
         u, v = self.u.to(W.dtype), self.v.to(W.dtype)
         for _ in range(iters):
-            v = torch.nn.functional.normalize((u.unsqueeze(-2) @ W).squeeze(-2), dim=-1, eps=1e-12)
-            u = torch.nn.functional.normalize((W @ v.unsqueeze(-1)).squeeze(-1), dim=-1, eps=1e-12)
+            v = _unit_or_keep((u.unsqueeze(-2) @ W).squeeze(-2), v)
+            u = _unit_or_keep((W @ v.unsqueeze(-1)).squeeze(-1), u)
         self.u.copy_(u)
         self.v.copy_(v)
 
-    def reset(self, W: Tensor, iters: int = 30) -> None:
-        """Converge the power iteration for ``W`` (at construction, after loading new weights)."""
+    @torch.no_grad()
+    def reset(self, W: Tensor) -> None:
+        """Set the vectors to ``W``'s top singular pair (exact, one SVD per matrix)."""
         with _full_precision(W):
-            self._power(W.detach().float() if W.dtype in (torch.float16, torch.bfloat16) else W.detach(), iters)
+            Wd = W.detach().float() if W.dtype in (torch.float16, torch.bfloat16) else W.detach()
+            left, _, right_h = torch.linalg.svd(Wd)
+            self.u.copy_(left[..., :, 0])
+            self.v.copy_(right_h[..., 0, :])
 
     def sigma(self, W: Tensor) -> Tensor:
-        u, v = self.u.to(W.dtype), self.v.to(W.dtype)
+        # copies: autograd saves u and v for the backward of sigma, and the next training
+        # forward's power step writes the buffers in place (a module called twice before
+        # backward, or a regulariser on effective_weight(), would fail with a version error)
+        u, v = self.u.to(W.dtype, copy=True), self.v.to(W.dtype, copy=True)
         return (u.unsqueeze(-2) @ W @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
     def forward(self, W: Tensor) -> Tensor:
@@ -87,7 +111,9 @@ class SpectralBound(nn.Module):
         with _full_precision(W):
             if self.training:
                 self._power(Wf.detach(), self.power_iters)
-            sigma = self.sigma(Wf).clamp_min(1e-12)
+            # the estimate inflated by H * eps: the rounding of u^T W v (two length-H reductions)
+            # and of W * scale (up to sqrt(H) * eps in norm) cannot push ||W_eff||_2 over the bound
+            sigma = self.sigma(Wf).clamp_min(1e-12) * (1.0 + Wf.shape[-1] * torch.finfo(Wf.dtype).eps)
             scale = torch.clamp(self.bound / sigma, max=1.0)
             return (Wf * scale.unsqueeze(-1).unsqueeze(-1)).to(W.dtype)
 
@@ -119,7 +145,8 @@ class FPILayer(nn.Module):
         self.U = nn.Linear(in_features, hidden_features, bias=bias, device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(hidden_features, hidden_features, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(hidden_features))
-        self.spectral = SpectralBound((), hidden_features, spectral_bound).to(device) if spectral_bound is not None else None
+        self.spectral = (SpectralBound((), hidden_features, spectral_bound, dtype=dtype).to(device)
+                         if spectral_bound is not None else None)
         if self.spectral is not None:
             self.spectral.reset(self.weight)
         self.last_stats: Optional[FixedPointResult] = None
@@ -132,10 +159,10 @@ class FPILayer(nn.Module):
         same leading dimensions, or already flattened to ``(N, hidden_features)``."""
         lead = x.shape[:-1]
         inj = self.U(x.reshape(-1, x.shape[-1]))
-        if z0 is not None and isinstance(z0, Tensor) and z0.dim() > 2 and z0.shape[:-1] == lead:
+        if z0 is not None and isinstance(z0, Tensor) and z0.dim() != 2 and z0.shape[:-1] == lead:
             z0 = z0.reshape(-1, z0.shape[-1])
         res = fixed_point(inj, self.effective_weight(), z0=z0, **self.solve_kwargs)
-        if not torch.compiler.is_compiling():
+        if recording_allowed():
             self.last_stats = FixedPointResult(res.z.detach(), res.iters, res.residual, res.converged)
         return res.z.reshape(*lead, self.hidden_features)
 

@@ -251,6 +251,13 @@ def _under(kind) -> bool:
     return any(i.key() == kind for i in torch._C._functorch.get_interpreter_stack())
 
 
+def recording_allowed() -> bool:
+    """Whether a module may keep its last call's results (``last_stats``, ``last_result``): not
+    while torch.compile traces, nor under a torch.func transform (vmap, grad: the tensors there
+    are wrappers that die with the transform, and reading them later fails)."""
+    return not torch.compiler.is_compiling() and _functorch_transform() is None
+
+
 def check_func_transforms(name: str) -> None:
     """torch.func.grad and jacrev work (the eager autograd.Function has a ``setup_context``), and
     so does grad inside vmap (per-sample gradients: every op and backward helper has a batching

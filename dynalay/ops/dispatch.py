@@ -103,11 +103,14 @@ def route(actions: Tensor, num_layers: int, block_m: int = 32, *, check: str = "
     """Grouping metadata for ``actions`` (``(B,)`` int64 in ``[0, num_layers]``, ``num_layers``
     meaning NOP): per-layer counts and offsets, a stable permutation (NOP rows last) and per-tile
     ``(layer, row_start)`` tables for ``block_m``-row tiles.  All sizes are static upper bounds."""
+    check_choice("check", check, CHECKS)
     check_int("num_layers", num_layers, 1)
     check_int("block_m", block_m, 1)
     if not isinstance(actions, Tensor):
         raise TypeError(f"actions must be a torch.Tensor (got {type(actions).__name__})")
-    _check_actions(actions, actions.shape[0] if actions.dim() == 1 else -1, num_layers, actions.device, check)
+    if actions.dim() != 1:
+        raise ValueError(f"actions must be one-dimensional, (B,) (got shape {tuple(actions.shape)})")
+    _check_actions(actions, actions.shape[0], num_layers, actions.device, check)
     return Routing(*route_op(actions, num_layers, block_m))
 
 
