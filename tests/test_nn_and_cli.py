@@ -159,3 +159,22 @@ def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "dynalay", "info"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "backend" in out.stdout and "cpp" in out.stdout and "auto picks" in out.stdout
+
+
+def test_convergence_warning_points_at_the_users_line():
+    """The warning named a line of dynalay (fpi.py, fixed_point.py) instead of the call that
+    caused it: the forward through the module, loss.backward(), the functional call."""
+    import inspect
+    import warnings
+
+    lay = FPILayer(4, 8, spectral_bound=None, max_iter=2, tol=1e-12)
+    with torch.no_grad():
+        lay.weight.mul_(10)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        first = inspect.currentframe().f_lineno + 1
+        z = lay(torch.randn(3, 4))
+        z.sum().backward()
+        dynalay.fixed_point(torch.randn(3, 8), 5 * torch.eye(8), max_iter=2)
+    got = [(w.filename, w.lineno) for w in rec if issubclass(w.category, dynalay.ConvergenceWarning)]
+    assert got == [(__file__, first), (__file__, first + 1), (__file__, first + 2)]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -202,6 +204,20 @@ def check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum} (got {value!r})")
 
 
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                      for m in (sys.modules[__name__.split(".")[0]], torch))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the caller that names the first frame outside
+    dynalay and torch: the user's line (a forward through an ``nn.Module``, or ``loss.backward()``
+    for a backward solve), not a line of the library."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def report(where: str, converged: Tensor, residual: Tensor, max_iter: int, check: str) -> None:
     """Warn (or raise) when rows did not converge.  One host read; skipped when ``checks_off``."""
     if converged.numel() == 0 or checks_off(check, converged, residual) or bool(converged.all()):
@@ -213,7 +229,7 @@ def report(where: str, converged: Tensor, residual: Tensor, max_iter: int, check
            f"is the last iterate. Is W contractive (||W||_2 < 1)? Raise max_iter, damp, or use solver='anderson'.")
     if check == "raise":
         raise NotConvergedError(msg)
-    warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    warnings.warn(msg, ConvergenceWarning, stacklevel=user_stacklevel())
 
 
 def run_solve(backend: str, c: Tensor, W: Tensor, d: Optional[Tensor], actions: Optional[Tensor],
