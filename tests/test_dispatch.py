@@ -481,3 +481,26 @@ def test_bad_input(case, gen):
     a = torch.tensor([0, 1, 2, 0, 1, 1])
     with pytest.raises(exc, match=match):
         fn(h, a, U, W, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_phantom_backward_builds_the_projection_in_float32(dtype, monkeypatch):
+    """The forward computes U h + b in float32 for 16-bit inputs (README); the phantom backward
+    rebuilt it in the input's dtype (a rounded inj for the phantom steps)."""
+    import sys
+    dmod = sys.modules["dynalay.ops.dispatch"]  # (dynalay.ops.dispatch is also the function)
+    seen = []
+    real = dmod.phantom_grads
+
+    def spy(z, inj, *a, **k):
+        seen.append(inj.dtype)
+        return real(z, inj, *a, **k)
+
+    monkeypatch.setattr(dmod, "phantom_grads", spy)
+    L, H, B = 2, 8, 4
+    h = torch.randn(B, H, dtype=dtype, requires_grad=True)
+    U, b = torch.randn(L, H, H, dtype=dtype), torch.randn(L, H, dtype=dtype)
+    W = (0.1 * torch.randn(L, H, H)).to(dtype)
+    r = dynalay.dynamic_step(h, torch.tensor([0, 1, 0, 2]), U, W, b, backward="phantom", backend="torch")
+    r.h.float().sum().backward()
+    assert seen == [torch.float32] and h.grad.dtype == dtype and torch.isfinite(h.grad).all()

@@ -330,6 +330,92 @@ def test_finite_check_has_no_false_alarm_and_catches_every_non_finite(path, dtyp
     check_finite("none", x=pair)  # check="none" skips
 
 
+@pytest.mark.parametrize("op", ["fixed_point", "dynamic_step", "backward"])
+def test_inf_in_W_with_checks_off_matches_the_reference(op, gen):
+    """check="none" skips the input scan, and the solve then computes what the reference computes.
+    The cpp solve from z0 = 0 skipped its first GEMM, so W 0 (NaN where W holds an Inf) was never
+    formed: finite rows flagged converged where the reference gives NaN, not converged."""
+    if backends.availability_error("cpp"):
+        pytest.skip("cpp backend not built")
+    H, B = 6, 8
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    out = {}
+    for be in CPU_BACKENDS:
+        g = torch.Generator().manual_seed(seed)  # the same inputs for each backend
+        W = make_W(H, gen=g).float()
+        W[0, 0] = float("inf")
+        if op == "fixed_point":
+            r = dynalay.fixed_point(torch.randn(B, H, generator=g), W, check="none", backend=be)
+            out[be] = (r.z, r.iters, r.converged)
+        elif op == "dynamic_step":
+            U, b = torch.randn(2, H, H, generator=g), torch.randn(2, H, generator=g)
+            h = torch.randn(B, H, generator=g)
+            a = torch.arange(B) % 3
+            r = dynalay.dynamic_step(h, a, U, torch.stack([W, make_W(H, gen=g).float()]), b, check="none",
+                                     backend=be)
+            out[be] = (r.h, r.iters, r.converged)
+        else:  # the adjoint solve from u = 0 (the C++ backward op; the torch reference solve)
+            z = torch.tanh(torch.randn(B, H, generator=g))
+            gz = torch.randn(B, H, generator=g)
+            if be == "cpp":
+                dx, *_, it, _, conv = torch.ops.dynalay_C.implicit_backward(
+                    z, gz, W[None], None, None, None, True, False, False, False, 1e-4, 50, "picard", 1.0, 5, 1e-6,
+                    1e-12)
+            else:
+                from dynalay.backends import torch_ref
+                dx, it, _, conv = torch_ref.fp_solve(gz, W[None], 1 - z * z, None, None, True, 1e-4, 50, "picard",
+                                                     1.0, 5, 1e-6, 1e-12)
+            out[be] = (dx, it, conv)
+    for a, b in zip(out["torch"], out["cpp"]):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a.nan_to_num(), b.nan_to_num())
+    assert out["cpp"][0].isnan().any() and not out["cpp"][2].all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("check", ["warn", "raise"])
+@pytest.mark.parametrize("backward_solver", ["picard", "gmres"])
+def test_non_finite_incoming_gradient_is_named(backend, check, backward_solver):
+    """A NaN in the gradient flowing into z was reported as the adjoint solve not converging
+    ('Is W contractive?', or NotConvergedError): now a ValueError names the gradient."""
+    if backends.availability_error(backend):
+        pytest.skip(backends.availability_error(backend))
+    x = torch.randn(3, 4, requires_grad=True)
+    r = dynalay.fixed_point(x, 0.5 * torch.eye(4), check=check, backend=backend, backward_solver=backward_solver)
+    g = torch.ones(3, 4)
+    g[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="incoming gradient .* NaN or Inf"):
+        r.z.backward(g)
+
+
+def test_phantom_backward_leaves_no_stale_statistics():
+    from dynalay.ops import last_backward_stats
+    W = 0.5 * torch.eye(4)
+    x = torch.randn(7, 4, requires_grad=True)
+    dynalay.fixed_point(x, W).z.sum().backward()
+    assert last_backward_stats["iters"].shape == (7,)
+    y = torch.randn(3, 4, requires_grad=True)
+    dynalay.fixed_point(y, W, backward="phantom").z.sum().backward()
+    assert last_backward_stats == {}  # a phantom backward solves nothing: not the previous call's
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_anderson_history_longer_than_H_is_capped(backend):
+    """m > H with the default ridge: the minimum-norm mix spread over stale iterates and took 39
+    iterations at H = 8, m = 32 against Picard's 22; at most H pairs are now mixed."""
+    if backends.availability_error(backend):
+        pytest.skip(backends.availability_error(backend))
+    g = torch.Generator().manual_seed(0)
+    H = 8
+    W = torch.randn(H, H, generator=g, dtype=torch.float64)
+    W = 0.95 * W / torch.linalg.matrix_norm(W, 2)
+    inj = torch.randn(4, H, generator=g, dtype=torch.float64)
+    kw = dict(tol=1e-8, max_iter=200, backend=backend)
+    it = {m: dynalay.fixed_point(inj, W, solver="anderson", anderson_m=m, **kw).iters for m in (H, 32)}
+    picard = dynalay.fixed_point(inj, W, **kw).iters
+    assert (it[32] - it[H]).abs().max() <= 1 and it[32].max() < picard.max()
+
+
 def test_empty_batch_is_fine():
     r = dynalay.fixed_point(torch.zeros(0, 5), make_W(5, dtype=torch.float32))
     assert r.z.shape == (0, 5) and r.iters.shape == (0,)

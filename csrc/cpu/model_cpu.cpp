@@ -356,6 +356,7 @@ struct RunArgs {
   // the LayerNorm folded into the head's rows (fold_head; float on AVX2 only): wg (K, H), sg, cb (K)
   std::vector<float> wg;
   std::vector<double> sg, cb;
+  bool w_finite = true;  // W holds no NaN/Inf: the solves from 0 may skip their first GEMM
   bool head_avx512 = false;  // ln_proj_rows2_avx512 (the CPU has AVX-512F, DYNALAY_CPU_NO_AVX512 unset)
 };
 
@@ -703,7 +704,7 @@ void run_rows(const RunArgs& A, const Tensor& x, int64_t r0, int64_t r1, int64_t
     // blocking with any thread count)
     Tensor at_ = at::from_blob(a.data(), {n}, i64);
     auto r = dynamic_step_blocked(hs, at_, A.U, A.W, A.b, A.tol, A.max_iter, A.solver, A.damping, A.anderson_m,
-                                  A.anderson_lam, A.eps, 1);
+                                  A.anderson_lam, A.eps, 1, A.w_finite);
     const Tensor h1 = std::get<0>(r);
     const int32_t* itp = std::get<1>(r).data_ptr<int32_t>();
     const bool* cvp = std::get<3>(r).data_ptr<bool>();
@@ -788,6 +789,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_model_cpu
   RunArgs A;
   A.enc_w = enc_w.contiguous(); A.enc_b = enc_b.contiguous(); A.D = D;
   A.U = U; A.W = W; A.b = b;
+  A.w_finite = all_finite(W);  // once per call (see dynamic_step_blocked)
   A.ln_w = ln_w.contiguous(); A.ln_b = ln_b.contiguous();
   TORCH_CHECK(A.ln_w.numel() == H && A.ln_b.numel() == H && ln_w.scalar_type() == dt && ln_b.scalar_type() == dt,
               "dynalay: LayerNorm weight and bias must be (H,) of h's dtype");

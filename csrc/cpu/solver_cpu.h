@@ -19,10 +19,15 @@ bool cpu_has_avx2_fma();
 // dynalay_C::dynamic_step with an explicit blocking: groups are split into at least
 // `min_blocks` blocks when they are big enough (the op uses 4, for its threads; a caller that
 // runs it on one thread of its own parallel region passes 1).
+// `w_finite`: W holds no NaN/Inf (all_finite(W)); only then may the solve from z0 = 0 skip its
+// first GEMM (W 0 is NaN where a row of W is not finite, as the reference computes it).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dynamic_step_blocked(
     const at::Tensor& h, const at::Tensor& actions, const at::Tensor& U, const at::Tensor& W, const at::Tensor& b,
     double tol, int64_t max_iter, c10::string_view solver, double damping, int64_t anderson_m, double anderson_lam,
-    double eps, int64_t min_blocks);
+    double eps, int64_t min_blocks, bool w_finite);
+
+// Whether a floating tensor holds no NaN and no Inf (one vectorised pass; dynalay_C::first_non_finite).
+bool all_finite(const at::Tensor& t);
 
 // fn(i) for every i in [0, n): threads (up to `threads`) take items from one work list, each item
 // runs whole on one thread with nested parallelism off (MKL and ATen stay serial inside it), the

@@ -91,9 +91,10 @@ def _solve_rows(c: Tensor, M: Tensor, d: Optional[Tensor], z0: Optional[Tensor],
         G = torch.zeros(n, m, H, dtype=dt, device=dev)
         count = torch.zeros(n, dtype=torch.long, device=dev)
         prev_gn = torch.full((n,), float("inf"), dtype=dt, device=dev)
-        # without a ridge more than H residuals are linearly dependent (a singular Gram matrix:
-        # the mix would follow rounding noise): mix at most H pairs
-        m_used = min(m, H) if lam == 0 else m
+        # more than H residuals are linearly dependent: without a ridge the Gram matrix is singular
+        # (the mix would follow rounding noise), with one the minimum-norm mix spreads over stale
+        # iterates (slower than Picard): mix at most H pairs
+        m_used = min(m, H)
     for k in range(1, max_iter + 1):
         fz = torch.addmm(ca, z, M)
         if adjoint:

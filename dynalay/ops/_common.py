@@ -218,10 +218,16 @@ def user_stacklevel() -> int:
     return level
 
 
-def report(where: str, converged: Tensor, residual: Tensor, max_iter: int, check: str) -> None:
-    """Warn (or raise) when rows did not converge.  One host read; skipped when ``checks_off``."""
+def report(where: str, converged: Tensor, residual: Tensor, max_iter: int, check: str,
+           cause: Optional[dict] = None) -> None:
+    """Warn (or raise) when rows did not converge.  One host read; skipped when ``checks_off``.
+    ``cause``: tensors (by name) that the data checks could not see before the solve, such as
+    the incoming gradient of a backward: when rows did not converge and one of them holds a NaN
+    or an Inf, a ValueError names it instead of a convergence message about W."""
     if converged.numel() == 0 or checks_off(check, converged, residual) or bool(converged.all()):
         return
+    if cause:
+        check_finite(check, **cause)
     bad = int((~converged).sum())
     worst = float(residual.detach().float().max())
     msg = (f"dynalay: the {where} fixed-point solve did not converge for {bad}/{converged.numel()} rows "

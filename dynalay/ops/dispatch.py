@@ -186,7 +186,8 @@ def _step_backward(ctx, g, g_it, g_conv, g_res):
     gc = cast(g, cd)
     gz = torch.where(nop, torch.zeros_like(gc), gc)
     if ctx.backward == "phantom":
-        inj = _grouped_linear(h, U, b, actions, False, ctx.backend)
+        # U h + b in the compute dtype, as the forward built it (a 16-bit inj would be rounded)
+        inj = _grouped_linear(cast(h, cd), cast(U, cd), cast(b, cd), actions, False, ctx.backend)
         u, dW = phantom_grads(h_new, inj, gz, W, actions, ctx.phantom[0], ctx.phantom[1], ctx.backend, need_W)
     else:
         u, dW = implicit_grads(h_new, gz, W, actions, ctx.bcfg, ctx.check, ctx.backend, need_W)

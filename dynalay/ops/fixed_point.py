@@ -27,8 +27,11 @@ from ._common import (BACKWARDS, CHECKS, SolverConfig, as_op_float, autocast_inp
                       is_real, no_autocast, no_values, report, run_solve, shared_routing, tracing, under_vmap)
 from .krylov import gmres_adjoint
 
-# The most recent backward solve's statistics, for inspection (not thread-safe; eager only).
+# The most recent backward solve's statistics, for inspection (not thread-safe; eager only;
+# emptied by a phantom backward, which solves nothing).
 last_backward_stats: dict = {}
+# how a backward's non-convergence report names a non-finite incoming gradient
+GRAD_NAME = "the incoming gradient (of the solve's output)"
 
 
 class FixedPointResult(NamedTuple):
@@ -122,7 +125,7 @@ def _adjoint_vmap(info, in_dims, z, g, W, actions, *rest):
                                                in_dims[3])
     u, it, res, conv = _fixed_point_adjoint_op(z_f, g_f, W_f, a_f, *rest)
     check = rest[ADJOINT_REST_CHECK] if len(rest) > ADJOINT_REST_CHECK else "none"
-    report("backward (adjoint)", conv, res, rest[REST_MAX_ITER], check)
+    report("backward (adjoint)", conv, res, rest[REST_MAX_ITER], check, {GRAD_NAME: g_f})
     return (u.unflatten(0, (N, B)), it.view(N, B), res.view(N, B), conv.view(N, B)), (0, 0, 0, 0)
 
 
@@ -272,7 +275,7 @@ def implicit_grads(z: Tensor, gz: Tensor, W: Tensor, actions: Optional[Tensor], 
     u, it, res, conv = fixed_point_adjoint(z, gz, W, actions, *bcfg, backend, check)
     if not no_values(it):
         last_backward_stats.update(iters=it, residual=res, converged=conv)
-    report("backward (adjoint)", conv, res, bcfg[1], check)
+    report("backward (adjoint)", conv, res, bcfg[1], check, {GRAD_NAME: gz})
     dW = _grouped_wgrad(u, z, actions, W.shape[0], backend) if want_W else None
     return u, dW
 
@@ -297,7 +300,7 @@ def fused_implicit_grads(z: Tensor, g: Tensor, W: Tensor, actions: Optional[Tens
     dx, dW, dU, db, it, res, conv = backends.get(backend).implicit_backward(z, g, W, actions, h, U, *wants, *bcfg)
     if not no_values(it):
         last_backward_stats.update(iters=it, residual=res, converged=conv)
-    report("backward (adjoint)", conv, res, bcfg[1], check)
+    report("backward (adjoint)", conv, res, bcfg[1], check, {GRAD_NAME: g})
     return dx, dW, dU, db
 
 
@@ -305,6 +308,7 @@ def phantom_grads(z: Tensor, inj: Tensor, gz: Tensor, W: Tensor, actions: Option
                   lam: float, backend: str, want_W: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """k-step phantom gradient: backprop through z_{j+1} = (1-lam) z_j + lam tanh(z_j W^T + inj)
     started at z* (a constant).  steps=1, lam=1 is the Jacobian-free backward (JFB)."""
+    last_backward_stats.clear()  # no adjoint solve: no statistics (not the previous call's)
     cd = compute_dtype(z.dtype)
     zj, injc, Wc, a = z.to(cd), inj.to(cd), W.to(cd), gz.to(cd)
     active = None if actions is None else (actions < W.shape[0]).unsqueeze(1)
