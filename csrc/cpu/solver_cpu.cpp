@@ -1025,7 +1025,9 @@ bool chunk_non_finite(const scalar_t* p, int64_t n) {
 
 int64_t first_non_finite_cpu(at::TensorList ts) {
   for (size_t k = 0; k < ts.size(); ++k) {
-    const at::Tensor t = ts[k].contiguous();
+    // a permuted dense tensor (a transpose) is scanned in place: the order of the elements does not
+    // matter here, and copying it first cost 17x the scan (a transposed (4, 256, 256) W)
+    const at::Tensor t = ts[k].is_non_overlapping_and_dense() ? ts[k] : ts[k].contiguous();
     const int64_t n = t.numel();
     if (n == 0 || !at::isFloatingType(t.scalar_type())) continue;
     std::atomic<bool> bad{false};

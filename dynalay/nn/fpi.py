@@ -113,7 +113,9 @@ class SpectralBound(nn.Module):
                 self._power(Wf.detach(), self.power_iters)
             # the estimate inflated by H * eps: the rounding of u^T W v (two length-H reductions)
             # and of W * scale (up to sqrt(H) * eps in norm) cannot push ||W_eff||_2 over the bound
-            sigma = self.sigma(Wf).clamp_min(1e-12) * (1.0 + Wf.shape[-1] * torch.finfo(Wf.dtype).eps)
+            # (abs: u^T W v >= 0 for the pair of the last power step, but an -Inf in W gave -inf,
+            # which clamp_min turned into 1e-12: the scale 1 and the Inf kept in W_eff)
+            sigma = self.sigma(Wf).abs().clamp_min(1e-12) * (1.0 + Wf.shape[-1] * torch.finfo(Wf.dtype).eps)
             scale = torch.clamp(self.bound / sigma, max=1.0)
             return (Wf * scale.unsqueeze(-1).unsqueeze(-1)).to(W.dtype)
 
