@@ -412,7 +412,8 @@ def test_tree_method_refuses_a_tree_too_large(digits):
     (["train", "--knob", "-1"], "knob"), (["train", "--lr", "nan"], "lr must"), (["train", "--tol", "0"], "tol"),
     (["train", "--max-iter", "0"], "max_iter"), (["train", "--hidden", "0"], "hidden"),
     (["train", "--steps", "0"], "max_steps"), (["train", "--seeds", "0"], "--seeds"),
-    (["train", "--out", "FILE"], "not a folder")])
+    (["train", "--out", "FILE"], "not a folder"), (["train", "--latency-batches", "none", "8"], "cannot be mixed"),
+    (["train", "--latency-batches", "0"], "latency_batches")])
 def test_cli_rejects_bad_flags_before_any_work(argv, match, tmp_path, capsys):
     from dynalay.cli import main
     f = tmp_path / "file"
@@ -435,6 +436,9 @@ def test_cli_agent_flags_reach_the_config():
     args = ap.parse_args(["train", "--agent-method", "reinforce", "--reward-accuracy", "prob", "--refit-epochs", "7"])
     cfg = _build_config(args)
     assert (cfg.agent_method, cfg.reward.accuracy, cfg.refit_epochs) == ("reinforce", "prob", 7)
+    for skip in (["--latency-batches"], ["--latency-batches", "none"], ["--latency-batches", "None"]):
+        assert _build_config(ap.parse_args(["train"] + skip)).latency_batches == []  # the help's 'none'
+    assert _build_config(ap.parse_args(["train", "--latency-batches", "1", "64"])).latency_batches == [1, 64]
     default = _build_config(ap.parse_args(["train"]))
     assert (default.agent_method, default.reward.accuracy, default.knob) == ("tree", "correct", 0.025)
 

@@ -1,6 +1,7 @@
 """``dynalay train`` and ``dynalay eval`` (added to the ``dynalay`` command by ``add_commands``)."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -12,6 +13,25 @@ from .reward import ACCURACY_TERMS
 from .trainer import AGENT_METHODS, BASELINES, TrainConfig
 
 DEFAULT_SEEDS = 3
+
+
+def _batch_size(v: str):
+    """A ``--latency-batches`` value: a batch size, or ``none`` (no sweep; so is the flag alone)."""
+    if v.lower() == "none":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a batch size or 'none' (got {v!r})") from None
+
+
+def _latency_batches(values) -> Optional[List[int]]:
+    """The parsed ``--latency-batches``: None (not given), [] (skip: the flag alone or ``none``)."""
+    if values is None:
+        return None
+    if None in values and len(values) > 1:
+        raise ValueError("--latency-batches: 'none' cannot be mixed with batch sizes")
+    return [b for b in values if b is not None]
 
 
 def add_commands(sub) -> None:
@@ -47,8 +67,9 @@ def add_commands(sub) -> None:
                    help=f"default compute price lambda at inference, reported as 'dynalay' "
                         f"(default {TrainConfig.knob})")
     t.add_argument("--timing-repeats", type=int, default=None)
-    t.add_argument("--latency-batches", type=int, nargs="*", default=None, metavar="B",
-                   help="batch sizes of the wall-time sweep (default 1 8 32 128 256 1024; none: skip it)")
+    t.add_argument("--latency-batches", type=_batch_size, nargs="*", default=None, metavar="B",
+                   help="batch sizes of the wall-time sweep (default 1 8 32 128 256 1024; 'none' or the flag "
+                        "alone: skip it)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: available CPUs / ranks)")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--config", default=None, help="JSON file of TrainConfig fields (overridden by flags)")
@@ -59,8 +80,9 @@ def add_commands(sub) -> None:
     e.add_argument("--out", default=None, help="where to write report.json and the plot (default: next to it)")
     e.add_argument("--knob", type=float, default=None, help="default lambda (default: the run's)")
     e.add_argument("--timing-repeats", type=int, default=None)
-    e.add_argument("--latency-batches", type=int, nargs="*", default=None, metavar="B",
-                   help="batch sizes of the wall-time sweep (default: the run's; none: skip it)")
+    e.add_argument("--latency-batches", type=_batch_size, nargs="*", default=None, metavar="B",
+                   help="batch sizes of the wall-time sweep (default: the run's; 'none' or the flag alone: "
+                        "skip it)")
     e.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
     e.add_argument("--threads", type=int, default=None)
     e.set_defaults(fn=cmd_eval)
@@ -88,6 +110,8 @@ def _build_config(args):
                        ("agent_method", "agent_method"), ("timing_repeats", "timing_repeats"),
                        ("latency_batches", "latency_batches")):
         v = getattr(args, flag)
+        if flag == "latency_batches":
+            v = _latency_batches(v)
         if v is not None:
             setattr(cfg, name, v)
     if args.lam is not None:
@@ -323,9 +347,9 @@ def cmd_eval(args) -> int:
                   file=sys.stderr)
         if args.timing_repeats is not None:
             cfg.timing_repeats = args.timing_repeats
-        if args.latency_batches is not None:
-            cfg.latency_batches = list(args.latency_batches)
         try:
+            if args.latency_batches is not None:
+                cfg.latency_batches = _latency_batches(args.latency_batches)
             cfg.validate()
         except ValueError as e:
             print(f"dynalay eval: bad configuration: {e}", file=sys.stderr)
