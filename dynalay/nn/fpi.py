@@ -64,10 +64,10 @@ class SpectralBound(nn.Module):
 
     ``reset(W)`` (at construction; call it after writing new weights by hand) sets the vectors to
     ``W``'s exact top singular pair (an SVD), so the bound holds from the start (``sigma`` is
-    inflated by ``H * eps`` of ``W``'s dtype so that rounding cannot cross it).  Training then tracks ``W`` by one power step per forward, as ``spectral_norm`` does:
-    between an optimiser step and the next forward the estimate lags (power iteration
-    underestimates ``sigma``).  Eval mode never updates the vectors: the state dict carries
-    them with the weights."""
+    inflated by ``H * eps`` of ``W``'s dtype so that rounding cannot cross it).  Training then
+    tracks ``W`` by one power step per forward, as ``spectral_norm`` does: between an optimiser
+    step and the next forward the estimate lags (power iteration underestimates ``sigma``).
+    Eval mode never updates the vectors: the state dict carries them with the weights."""
 
     def __init__(self, shape_lead: tuple, H: int, bound: float = 0.9, power_iters: int = 1, *, dtype=None):
         super().__init__()
