@@ -54,8 +54,13 @@ def cmd_bench(args) -> int:
     if not os.path.isdir(bench_dir):
         print("dynalay bench needs a source checkout (benchmarks/ next to the package)", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "pytest", bench_dir, "-q", "--benchmark-columns=median,iqr,rounds",
-           "--benchmark-sort=name"] + list(args.pytest_args)
+    extra = list(args.pytest_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    # a file or folder among the arguments selects the suites; otherwise every suite runs
+    chosen = [a for a in extra if not a.startswith("-") and os.path.exists(a)]
+    cmd = ([sys.executable, "-m", "pytest"] + ([] if chosen else [bench_dir])
+           + ["-q", "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"] + extra)
     print("+", " ".join(cmd))
     return subprocess.call(cmd)
 
@@ -68,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=15)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo)
-    b = sub.add_parser("bench", help="run the kernel benchmarks (pytest-benchmark)")
-    b.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    b = sub.add_parser("bench", help="run the kernel benchmarks (pytest-benchmark)",
+                       description="Runs benchmarks/ with pytest-benchmark. Every other argument goes to pytest, "
+                                   "options included: dynalay bench -k fixed_point, dynalay bench "
+                                   "benchmarks/bench_dispatch.py --benchmark-json out.json.")
+    b.add_argument("pytest_args", nargs=argparse.REMAINDER, help="pytest arguments (suites, -k, --benchmark-*)")
     b.set_defaults(fn=cmd_bench)
     try:
         from .train.cli import add_commands
@@ -81,5 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"] and argv[1:] not in (["-h"], ["--help"]):  # the rest is pytest's, options included
+        args = parser.parse_args(["bench"])
+        args.pytest_args = argv[1:]
+        return args.fn(args)
+    args = parser.parse_args(argv)
     return args.fn(args)

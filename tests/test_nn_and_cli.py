@@ -178,3 +178,24 @@ def test_convergence_warning_points_at_the_users_line():
         dynalay.fixed_point(torch.randn(3, 8), 5 * torch.eye(8), max_iter=2)
     got = [(w.filename, w.lineno) for w in rec if issubclass(w.category, dynalay.ConvergenceWarning)]
     assert got == [(__file__, first), (__file__, first + 1), (__file__, first + 2)]
+
+
+def test_bench_passes_every_argument_to_pytest(monkeypatch):
+    """`dynalay bench -k fixed` was refused ('unrecognized arguments: -k'), `bench -- OPTS` handed
+    pytest a '--', and a chosen suite ran with the whole folder."""
+    import os
+
+    from dynalay import cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+    bench = os.path.join(root, "benchmarks")
+    suite = os.path.join(bench, "bench_dispatch.py")
+    assert cli.main(["bench", "-k", "fixed", "--benchmark-json", "o.json"]) == 0
+    assert cli.main(["bench", "--", "-x"]) == 0
+    assert cli.main(["bench", suite, "-k", "B1"]) == 0
+    pytest_args = [c[c.index("pytest") + 1:] for c in calls]
+    assert pytest_args[0][0] == bench and pytest_args[0][-4:] == ["-k", "fixed", "--benchmark-json", "o.json"]
+    assert pytest_args[1][0] == bench and pytest_args[1][-1] == "-x" and "--" not in pytest_args[1]
+    assert bench not in pytest_args[2] and suite in pytest_args[2]

@@ -77,7 +77,9 @@ def add_commands(sub) -> None:
 
     e = sub.add_parser("eval", help="re-evaluate a trained run (or one checkpoint) and print its table")
     e.add_argument("--checkpoint", required=True, help="a run folder (all seeds) or a checkpoint.pt")
-    e.add_argument("--out", default=None, help="where to write report.json and the plot (default: next to it)")
+    e.add_argument("--out", default=None,
+                   help="where to write report.json, the plot and the table (default: an eval/ folder next to "
+                        "the checkpoint)")
     e.add_argument("--knob", type=float, default=None, help="default lambda (default: the run's)")
     e.add_argument("--timing-repeats", type=int, default=None)
     e.add_argument("--latency-batches", type=_batch_size, nargs="*", default=None, metavar="B",
