@@ -476,3 +476,19 @@ def test_config_from_dict_names_unknown_fields():
     c = TrainConfig.from_dict({"reward": {"lam": 0.1}, "hidden": 32})
     assert c.reward.lam == 0.1 and c.hidden == 32 and c.lr == TrainConfig().lr
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+def test_cli_train_no_timing(tmp_path):
+    """`dynalay train --no-timing`: no wall-clock measurement, no plot, a table with the accuracy
+    and FLOP columns (the flag was only on `eval`, and docs/model.md said it was on both)."""
+    out = tmp_path / "nt"
+    r = subprocess.run([sys.executable, "-m", "dynalay", "train", "--seeds", "1", "--out", str(out), "--dataset",
+                        "digits", "--hidden", "16", "--warmup-epochs", "2", "--agent-epochs", "1", "--joint-epochs",
+                        "1", "--refit-epochs", "1", "--mlp-epochs", "1", "--no-timing", "--no-progress"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["models"]["dynalay"]["wall_time_s"] is None and "latency" not in rep
+    assert rep["models"]["dynalay"]["flops_per_sample"] > 0
+    assert not (out / "accuracy_vs_compute.png").exists() and (out / "table.txt").exists()

@@ -70,6 +70,8 @@ def add_commands(sub) -> None:
     t.add_argument("--latency-batches", type=_batch_size, nargs="*", default=None, metavar="B",
                    help="batch sizes of the wall-time sweep (default 1 8 32 128 256 1024; 'none' or the flag "
                         "alone: skip it)")
+    t.add_argument("--no-timing", action="store_true",
+                   help="skip every wall-clock measurement (the batch-256 timing and the sweep; no plot)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: available CPUs / ranks)")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--config", default=None, help="JSON file of TrainConfig fields (overridden by flags)")
@@ -246,7 +248,7 @@ def cmd_train(args) -> int:
             return 1
         t_train = time.perf_counter() - t0
         if dist.is_main:
-            res = R.evaluate(model, mlp, data, cfg)
+            res = R.evaluate(model, mlp, data, cfg, timing=not args.no_timing)
             res["seed"] = seed
             res["train_time_s"] = t_train
             res["eval_time_s"] = time.perf_counter() - t0 - t_train
@@ -269,13 +271,14 @@ def cmd_train(args) -> int:
                                          date=datetime.datetime.now().isoformat(timespec="seconds"),
                                          train_config=cfg0.to_dict()))
     R.write_json(os.path.join(out, "report.json"), rep)
-    R.make_plot(rep, os.path.join(out, "accuracy_vs_compute.png"), [r["per_sample_flops"] for r in results])
+    if not args.no_timing:
+        R.make_plot(rep, os.path.join(out, "accuracy_vs_compute.png"), [r["per_sample_flops"] for r in results])
     table = R.format_table(rep)
     with open(os.path.join(out, "table.txt"), "w") as f:
         f.write(table + "\n")
     print(table)
-    print(f"\nwrote {out}/report.json, accuracy_vs_compute.png, table.txt, seed*/checkpoint.pt "
-          f"(total {_fmt_time(total)})")
+    plot = "" if args.no_timing else " accuracy_vs_compute.png,"
+    print(f"\nwrote {out}/report.json,{plot} table.txt, seed*/checkpoint.pt (total {_fmt_time(total)})")
     return 0
 
 
