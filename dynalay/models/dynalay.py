@@ -309,10 +309,14 @@ class Policy(nn.Module):
         return self.out(torch.tanh(self.inp(f) + self.step_emb[t])) + self.step_bias[t]
 
 
-def _check_knobs(lam, nop_bias, budget, exit_threshold) -> None:
-    """The inference knobs of ``DynaLay.run``: a clear error naming the bad one."""
+def _check_knobs(lam, nop_bias, budget, exit_threshold, B: int, dev: torch.device) -> None:
+    """The inference knobs of ``DynaLay.run`` (``B`` rows of ``x`` on ``dev``): a clear error
+    naming the bad one."""
     if lam is not None:
         if isinstance(lam, Tensor):
+            if not lam.is_floating_point() or lam.device != dev or tuple(lam.shape) not in ((), (B,)):
+                raise ValueError(f"lam as a tensor must be a floating-point scalar or ({B},) tensor on {dev} "
+                                 f"(got {lam.dtype} {tuple(lam.shape)} on {lam.device})")
             if lam.numel() and not tracing(lam) and not bool(torch.isfinite(lam).all() & (lam >= 0).all()):
                 raise ValueError("lam must hold finite values >= 0 (got NaN, Inf or a negative value)")
         elif not is_real(lam) or not (0 <= lam < math.inf):
@@ -485,10 +489,6 @@ class DynaLay(nn.Module):
         if x.dtype != w_enc.dtype or dev != w_enc.device:
             raise ValueError(f"x must have the model's dtype and device ({w_enc.dtype} on {w_enc.device}; got "
                              f"{x.dtype} on {dev}): convert the input or the model with .to()")
-        if isinstance(lam, Tensor) and (not lam.is_floating_point() or lam.device != dev
-                                        or tuple(lam.shape) not in ((), (B,))):
-            raise ValueError(f"lam as a tensor must be a floating-point scalar or ({B},) tensor on {dev} (got "
-                             f"{lam.dtype} {tuple(lam.shape)} on {lam.device})")
         if policy not in ("greedy", "sample", "forced"):
             raise ValueError(f"policy must be 'greedy', 'sample' or 'forced' (got {policy!r})")
         use_agent = policy != "forced"
@@ -505,7 +505,7 @@ class DynaLay(nn.Module):
                                  f"{forced.device})")
             if nop_bias:
                 raise ValueError("nop_bias applies to the agent's policy, not to a forced action table")
-        _check_knobs(lam, nop_bias, budget, exit_threshold)
+        _check_knobs(lam, nop_bias, budget, exit_threshold, B, dev)
         check_finite("warn", x=x)
         if W is not None:
             self._check_weight(W)
