@@ -55,6 +55,60 @@ def test_tiny_end_to_end_beats_chance(trained, digits):
     assert "dynalay" in R.format_table(rep)
 
 
+def _val_run(model, digits, lam=None):
+    """(accuracy, mean FLOPs per sample) of the greedy model (static with lam None) on val."""
+    W = model.inference_weight()
+    with torch.no_grad():
+        o = model.run_static(digits.val.x, W=W) if lam is None else model.run(digits.val.x, lam=lam, W=W)
+    return _accuracy(o.logits, digits.val.y), float(o.flops.double().mean())
+
+
+def test_default_knob_is_calibrated_on_val(trained, digits):
+    """The default knob: the smallest grid lambda within knob_flops of static's val FLOPs (the
+    grid's previous lambda is over the share); a fixed knob; the accuracy mode.  Each records how
+    in ``calibration``, and the model is left in train mode as the trainer expects."""
+    from dynalay.train.trainer import KNOB_GRID
+
+    tr, model, _, _ = trained
+    model.eval()
+    _, st_flops = _val_run(model, digits)
+    c = tr.calibration
+    assert c["mode"] == "flops" and c["knob_flops"] == 0.45 and c["lam"] == model.default_lam
+    lo, hi = math.log(model.cfg.lam_min), math.log(model.cfg.lam_max)
+    grid = [round(math.exp(lo + (hi - lo) * i / (KNOB_GRID - 1)), 4) for i in range(KNOB_GRID)]
+    acc, flops = _val_run(model, digits, c["lam"])
+    assert (c["val_accuracy"], c["val_flops_ratio"]) == (acc, flops / st_flops)
+    saved = (tr.cfg, tr.calibration, model.default_lam)
+    try:
+        for share in (0.45, c["val_flops_ratio"] / 2, 0.999):  # the last: nearly static's compute
+            tr.cfg = dataclasses.replace(saved[0], knob_flops=share)
+            lam = tr.calibrate()
+            assert model.training and lam == model.default_lam == tr.calibration["lam"]
+            model.eval()
+            i = grid.index(lam)
+            if share < c["val_flops_ratio"]:
+                assert i > 0  # (digits spends ~0.2x at lam_min: only a smaller share moves the knob)
+            assert _val_run(model, digits, lam)[1] <= share * st_flops or i == KNOB_GRID - 1
+            assert i == 0 or _val_run(model, digits, grid[i - 1])[1] > share * st_flops  # the most compute
+        tr.cfg = dataclasses.replace(saved[0], knob=0.3)
+        assert tr.calibrate() == 0.3 == model.default_lam and tr.calibration["mode"] == "fixed"
+        tr.cfg = dataclasses.replace(saved[0], knob_flops=None, knob_tolerance=0.02)
+        lam = tr.calibrate()
+        model.eval()
+        st_acc = _val_run(model, digits)[0]
+        assert tr.calibration["mode"] == "accuracy" and lam in grid
+        j = grid.index(lam)
+        assert j == 0 or _val_run(model, digits, lam)[0] >= st_acc - 0.02
+        assert all(_val_run(model, digits, g)[0] < st_acc - 0.02 for g in grid[j + 1:])
+    finally:
+        tr.cfg, tr.calibration = saved[:2]
+        model.default_lam = saved[2]
+        model.eval()
+    for bad in (0.0, 1.5, float("nan"), "0.4"):
+        with pytest.raises(ValueError, match="knob_flops"):
+            dataclasses.replace(saved[0], knob_flops=bad).validate()
+
+
 def test_wall_time_by_batch_size(trained, digits, tmp_path):
     """The timed evaluation measures every model at each of ``latency_batches`` (the early exit
     nearest to dynalay in FLOPs), aggregates over seeds, prints the table and draws the panel."""
@@ -102,6 +156,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(trained, digits):
         assert torch.equal(model.run_static(x).logits, m2.run_static(x).logits)
         assert torch.equal(mlp(x), mlp2(x))
     assert m2.default_lam == model.default_lam
+    assert ck["calibration"] == tr.calibration and ck["calibration"]["lam"] == model.default_lam
 
 
 def test_corrupt_and_mismatched_checkpoints_fail_clearly(trained, tmp_path):
@@ -283,6 +338,11 @@ def test_cli_train_then_eval_reproduces(tmp_path):
                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r2.returncode == 0, r2.stderr[-3000:]
     rep2 = json.loads((out / "eval" / "report.json").read_text())
+    # the calibrated default knob is kept in the checkpoint and reported by both commands
+    cal = rep["knob_calibration"][0]
+    assert cal["mode"] == "flops" and rep["default_knob"] == [cal["lam"]] == rep2["default_knob"]
+    assert rep2["knob_calibration"] == rep["knob_calibration"]
+    assert f"dynalay (lambda {cal['lam']:.4g})" in r.stdout
     for name in ("dynalay", "static", "mlp"):
         assert rep2["models"][name]["accuracy"] == rep["models"][name]["accuracy"]
         assert rep2["models"][name]["flops_per_sample"] == rep["models"][name]["flops_per_sample"]
@@ -440,7 +500,9 @@ def test_cli_agent_flags_reach_the_config():
         assert _build_config(ap.parse_args(["train"] + skip)).latency_batches == []  # the help's 'none'
     assert _build_config(ap.parse_args(["train", "--latency-batches", "1", "64"])).latency_batches == [1, 64]
     default = _build_config(ap.parse_args(["train"]))
-    assert (default.agent_method, default.reward.accuracy, default.knob) == ("tree", "correct", 0.025)
+    assert (default.agent_method, default.reward.accuracy, default.knob, default.knob_flops) == \
+        ("tree", "correct", None, 0.45)
+    assert _build_config(ap.parse_args(["train", "--knob-flops", "0.3"])).knob_flops == 0.3
 
 
 def test_envelope_and_its_paired_standard_error():

@@ -64,8 +64,11 @@ def add_commands(sub) -> None:
                    help="reward's accuracy term (default 'correct'; use 'prob' with --agent-method reinforce)")
     t.add_argument("--baseline", choices=BASELINES, default=None, help="REINFORCE baseline")
     t.add_argument("--knob", type=float, default=None,
-                   help=f"default compute price lambda at inference, reported as 'dynalay' "
-                        f"(default {TrainConfig.knob})")
+                   help="default compute price lambda at inference, reported as 'dynalay' (default: calibrated "
+                        "per seed on the val split, see --knob-flops)")
+    t.add_argument("--knob-flops", type=float, default=None,
+                   help=f"calibrate the default lambda to the most compute within this share of static's val "
+                        f"FLOPs (default {TrainConfig.knob_flops}; ignored with --knob)")
     t.add_argument("--timing-repeats", type=int, default=None)
     t.add_argument("--latency-batches", type=_batch_size, nargs="*", default=None, metavar="B",
                    help="batch sizes of the wall-time sweep (default 1 8 32 128 256 1024; 'none' or the flag "
@@ -124,6 +127,8 @@ def _build_config(args):
         cfg.reward.accuracy = args.reward_accuracy
     if args.knob is not None:
         cfg.knob = args.knob
+    if args.knob_flops is not None:
+        cfg.knob_flops = args.knob_flops
     return cfg.validate()
 
 
@@ -250,6 +255,7 @@ def cmd_train(args) -> int:
         if dist.is_main:
             res = R.evaluate(model, mlp, data, cfg, timing=not args.no_timing)
             res["seed"] = seed
+            res["knob_calibration"] = tr.calibration
             res["train_time_s"] = t_train
             res["eval_time_s"] = time.perf_counter() - t0 - t_train
             R.write_json(res_path, res)
@@ -361,6 +367,7 @@ def cmd_eval(args) -> int:
             return 2
         res = R.evaluate(model, mlp, data, cfg, default_knob=knob, timing=not args.no_timing)
         res["seed"] = cfg.seed
+        res["knob_calibration"] = ck.get("calibration") if knob is None else dict(mode="eval --knob", lam=knob)
         results.append(res)
     rep = R.aggregate(results, meta=dict(command="dynalay " + " ".join(sys.argv[1:]),
                                          date=datetime.datetime.now().isoformat(timespec="seconds"),

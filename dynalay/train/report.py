@@ -343,7 +343,9 @@ def aggregate(seed_results: List[dict], meta: Optional[dict] = None) -> dict:
     rep["difficulty"] = diff
     rep["dispatch"] = {k: _mean_std([r["dispatch"][k] for r in seed_results])[0] for k in r0["dispatch"]}
     rep["cost_table"] = r0.get("cost_table")
-    rep["default_knob"] = r0.get("default_knob")
+    # the default knob is calibrated per seed (Trainer.calibrate): one lambda per seed
+    rep["default_knob"] = [r.get("default_knob") for r in seed_results]
+    rep["knob_calibration"] = [r.get("knob_calibration") for r in seed_results]
     if all("margin_se" in r for r in seed_results):  # SE of the mean over seeds: sqrt(sum se^2) / S
         S = len(seed_results)
         rep["margin_se"] = [
@@ -411,6 +413,14 @@ def _pm(m, s, scale=1.0, fmt="{:.1f}"):
     return out
 
 
+def knob_label(rep: dict) -> str:
+    """The default knob(s) of a report: one lambda per seed ("0.0267/0.102/0.02"); a report
+    written before the per-seed calibration holds a single number."""
+    k = rep.get("default_knob")
+    ks = k if isinstance(k, list) else [k]
+    return "/".join("?" if v is None else f"{v:.4g}" for v in ks)
+
+
 def format_table(rep: dict) -> str:
     m = rep["models"]
     st = m["static"]
@@ -426,7 +436,7 @@ def format_table(rep: dict) -> str:
                      _pm(e["wall_time_s"], e.get("wall_time_s_std"), 1e3, "{:.1f}"),
                      "-" if wr is None else f"{wr:.2f}"))
 
-    add(f"dynalay (lambda {rep.get('default_knob')})", m["dynalay"])
+    add(f"dynalay (lambda {knob_label(rep)})", m["dynalay"])
     add("static", st)
     for p in rep["truncation"]:
         add(f"truncation k={p['budget']}", p)
@@ -474,7 +484,7 @@ def format_latency(rep: dict) -> str:
     """The wall time of the test split by batch size, and each model's ratio to static's."""
     lat = rep["latency"]
     ths = sorted(set(lat[0]["early_exit_threshold"]))
-    names = dict(dynalay=f"dynalay (lambda {rep.get('default_knob')})", static="static",
+    names = dict(dynalay=f"dynalay (lambda {knob_label(rep)})", static="static",
                  early_exit="early_exit p>=" + "/".join(str(t) for t in ths), mlp="mlp")
     n_test = (rep.get("difficulty") or {}).get("n_test")
     head = "wall ms for the test split" + (f" ({n_test:.0f} samples)" if n_test else "")

@@ -69,6 +69,7 @@ PHASES = ("mlp", "warmup", "agent", "joint", "refit")
 BASELINES = ("learned", "self_critical", "rloo", "rloo_step")
 AGENT_METHODS = ("tree", "reinforce")
 AGENT_LR_DECAYS = ("linear", "none")
+KNOB_GRID = 49  # lambdas the default knob's calibration tries, log-spaced over [lam_min, lam_max]
 
 
 class TrainingDiverged(RuntimeError):
@@ -125,8 +126,11 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     # evaluation
     eval_batch: int = 256
-    knob: Optional[float] = 0.025  # default lambda at inference ("dynalay"); None: calibrate on val
-    knob_tolerance: float = 0.0  # calibration: cheapest lambda within this of static's val accuracy
+    # the default lambda at inference ("dynalay"): a number, or None to calibrate it on the val split
+    # (Trainer.calibrate): to a compute share (knob_flops) or, with knob_flops None, to an accuracy
+    knob: Optional[float] = None
+    knob_flops: Optional[float] = 0.45  # calibration: the most compute within this share of static's val FLOPs
+    knob_tolerance: float = 0.0  # knob_flops None: the cheapest lambda within this of static's val accuracy
     knobs: List[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0])
     exit_thresholds: List[float] = field(default_factory=lambda: [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
                                                                   0.95, 0.99, 1.01])
@@ -192,6 +196,9 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1) (got {self.val_fraction!r})")
         if self.knob is not None and (not is_real(self.knob) or not (0 <= self.knob < math.inf)):
             raise ValueError(f"knob (the default lambda) must be None or a finite number >= 0 (got {self.knob!r})")
+        if self.knob_flops is not None and (not is_real(self.knob_flops) or not (0 < self.knob_flops <= 1)):
+            raise ValueError(f"knob_flops (the calibrated knob's share of static's FLOPs) must be None or a "
+                             f"number in (0, 1] (got {self.knob_flops!r})")
         if any(not is_real(v) or not (0 <= v < math.inf) for v in self.knobs):
             raise ValueError(f"knobs must be finite lambdas >= 0 (got {self.knobs!r})")
         if any(not is_real(v) or v != v for v in self.exit_thresholds):
@@ -308,6 +315,7 @@ class Trainer:
                     f"agent_method='reinforce' (--agent-method reinforce --reward-accuracy prob), or fewer "
                     f"layers or steps")
         self.agent_best: Optional[dict] = None  # {"score", "epoch", "policy"}: best held-out epoch so far
+        self.calibration: Optional[dict] = None  # how the default knob was set (calibrate)
         self._tree = self._sel_tree = None  # decision-tree caches (rebuilt when the backbone changes)
         self._broadcast()
 
@@ -330,7 +338,7 @@ class Trainer:
         return save_checkpoint(path, dict(state=self.state(), meta=self.meta(), train_config=self.cfg.to_dict(),
                                           position=[self.phase, self.epoch], complete=complete,
                                           history=self.history, data_mean=self.data.mean,
-                                          data_std=self.data.std))
+                                          data_std=self.data.std, calibration=self.calibration))
 
     def resume(self, path: Optional[str] = None) -> bool:
         """Load the run's checkpoint (if any) and continue from its position."""
@@ -351,6 +359,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path!r} does not fit this model: {e}") from e
         self.phase, self.epoch = ck["position"]
         self.history = list(ck.get("history", []))
+        self.calibration = ck.get("calibration")
         self._broadcast()
         return True
 
@@ -668,26 +677,51 @@ class Trainer:
 
     @torch.no_grad()
     def calibrate(self) -> float:
-        """Set the default knob (``cfg.knob``, or when None: the largest lambda of a log grid over
-        [lam_min, lam_max] whose greedy accuracy on the held-out val split is within
-        ``knob_tolerance`` of the static model's there).  Uses no test data."""
+        """Set the default knob ``model.default_lam`` at the end of training, from the held-out val
+        split only (no test data), and record how in ``self.calibration``:
+
+        - ``cfg.knob`` a number: that lambda;
+        - else ``cfg.knob_flops`` (default 0.45): the smallest lambda of a log grid over
+          [lam_min, lam_max] (``KNOB_GRID`` points) whose greedy val FLOPs per sample are at most
+          ``knob_flops`` x the static model's there: the most compute (and so, the curve being
+          monotone, the most accuracy) within that share; ``lam_max`` when no lambda is that cheap.
+          A fixed lambda does not fix the compute share: the same lambda gave 0.43x to 0.64x of
+          static's FLOPs over six trainings (results.md, sessions 22-23);
+        - else: the largest lambda of the grid whose val accuracy is within ``knob_tolerance`` of
+          static's there."""
         m, c = self.model, self.cfg
         m.eval()
+        x, y = self.data.val.x, self.data.val.y
+        W = m.inference_weight()
+
+        def val(lam=None):
+            o = m.run_static(x, W=W) if lam is None else m.run(x, lam=lam, W=W)
+            return float((o.logits.argmax(1) == y).double().mean()), float(o.flops.double().mean())
+
+        st_acc, st_flops = val()
+        lo, hi = math.log(m.cfg.lam_min), math.log(m.cfg.lam_max)
+        grid = [round(math.exp(lo + (hi - lo) * i / (KNOB_GRID - 1)), 4) for i in range(KNOB_GRID)]
         if c.knob is not None:
-            m.default_lam = c.knob
+            mode, lam = "fixed", c.knob
+        elif c.knob_flops is not None:
+            mode, lam = "flops", grid[-1]
+            for g in grid:  # lambda ascending: the first within the share
+                if val(g)[1] <= c.knob_flops * st_flops:
+                    lam = g
+                    break
         else:
-            x, y = self.data.val.x, self.data.val.y
-            W = m.inference_weight()
-            st = float((m.run_static(x, W=W).logits.argmax(1) == y).double().mean())
-            lo, hi = math.log(m.cfg.lam_min), math.log(m.cfg.lam_max)
-            grid = [math.exp(lo + (hi - lo) * i / 24) for i in range(25)]
-            best = m.cfg.lam_min
-            for lam in grid:
-                acc = float((m.run(x, lam=lam, W=W).logits.argmax(1) == y).double().mean())
-                if acc >= st - c.knob_tolerance:
-                    best = lam
-            m.default_lam = round(best, 4)
-            self.log(f"calibrated default knob: lambda = {m.default_lam:.4g} (val: static {st * 100:.1f}%)")
+            mode, lam = "accuracy", grid[0]
+            for g in grid:
+                if val(g)[0] >= st_acc - c.knob_tolerance:
+                    lam = g
+        acc, flops = val(lam)
+        m.default_lam = lam
+        self.calibration = dict(mode=mode, lam=lam, knob_flops=c.knob_flops if mode == "flops" else None,
+                                knob_tolerance=c.knob_tolerance if mode == "accuracy" else None,
+                                val_accuracy=acc, val_flops_ratio=flops / st_flops, val_static_accuracy=st_acc)
+        if mode != "fixed":
+            self.log(f"calibrated default knob on val ({mode}): lambda = {lam:.4g}, {acc * 100:.1f}% at "
+                     f"{flops / st_flops:.2f}x static's FLOPs (static {st_acc * 100:.1f}%)")
         m.train()
         return m.default_lam
 
