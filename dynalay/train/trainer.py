@@ -685,8 +685,8 @@ class Trainer:
           [lam_min, lam_max] (``KNOB_GRID`` points) whose greedy val FLOPs per sample are at most
           ``knob_flops`` x the static model's there: the most compute (and so, the curve being
           monotone, the most accuracy) within that share; ``lam_max`` when no lambda is that cheap.
-          A fixed lambda does not fix the compute share: the same lambda gave 0.43x to 0.64x of
-          static's FLOPs over six trainings (results.md, sessions 22-23);
+          A fixed lambda does not fix the compute share: the same lambda gave 0.42x to 0.64x of
+          static's FLOPs over twelve trainings (results.md, sessions 22-23).
         - else: the largest lambda of the grid whose val accuracy is within ``knob_tolerance`` of
           static's there."""
         m, c = self.model, self.cfg
