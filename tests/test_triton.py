@@ -34,7 +34,13 @@ def test_forward_matches_torch_ref(B, H, dtype, gen):
     assert t.z.dtype == dtype and t.converged.all()
     assert_iters(t.iters, a.iters, amb)
     assert torch.equal(t.converged, a.converged)
-    assert (t.z.double() - a.z.double()).abs().max() < (1e-12 if dtype == torch.float64 else 1e-5)
+    d = t.z.double() - a.z.double()
+    same = t.iters == a.iters
+    assert d[same].abs().max() < (1e-12 if dtype == torch.float64 else 1e-5)
+    # a row whose stop lies within fp32 rounding of tol (amb) may take one more iteration on one
+    # backend: its z then moves by one step, at most about the residual tol (1e-4) relative
+    rel = d[~same].norm(dim=1) / a.z.double()[~same].norm(dim=1)
+    assert rel.numel() == 0 or float(rel.max()) < 2e-4, rel
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
