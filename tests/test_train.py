@@ -347,10 +347,13 @@ def test_cli_train_then_eval_reproduces(tmp_path):
         assert rep2["models"][name]["accuracy"] == rep["models"][name]["accuracy"]
         assert rep2["models"][name]["flops_per_sample"] == rep["models"][name]["flops_per_sample"]
     r2b = subprocess.run([sys.executable, "-m", "dynalay", "eval", "--checkpoint", str(out), "--out",
-                          str(tmp_path / "ev"), "--timing-repeats", "1", "--latency-batches", "32"],
+                          str(tmp_path / "ev"), "--timing-repeats", "1", "--latency-batches", "32", "--knob", "0.3"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r2b.returncode == 0, r2b.stderr[-3000:]
-    assert [e["batch_size"] for e in json.loads((tmp_path / "ev" / "report.json").read_text())["latency"]] == [32]
+    rep2b = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert [e["batch_size"] for e in rep2b["latency"]] == [32]
+    assert rep2b["default_knob"] == [0.3] and rep2b["knob_calibration"] == [{"mode": "eval --knob", "lam": 0.3}]
+    assert "dynalay (lambda 0.3)" in r2b.stdout
     assert "by batch size" in r2b.stdout
     # refusing to overwrite, and a clear error for a corrupt checkpoint
     r3 = subprocess.run([sys.executable, "-m", "dynalay", "train", "--seeds", "1", "--out", str(out)] + TINY_FLAGS,
