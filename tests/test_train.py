@@ -472,7 +472,8 @@ def test_tree_method_refuses_a_tree_too_large(digits):
 @pytest.mark.parametrize("argv,match", [
     (["train", "--threads", "0"], "--threads"), (["eval", "--checkpoint", "x", "--threads", "-1"], "--threads"),
     (["eval", "--checkpoint", "x", "--knob", "nan"], "--knob"), (["train", "--knob", "nan"], "knob"),
-    (["train", "--knob", "-1"], "knob"), (["train", "--lr", "nan"], "lr must"), (["train", "--tol", "0"], "tol"),
+    (["train", "--knob", "-1"], "knob"), (["train", "--knob-flops", "0"], "knob_flops"),
+    (["train", "--knob-flops", "1.5"], "knob_flops"), (["train", "--lr", "nan"], "lr must"), (["train", "--tol", "0"], "tol"),
     (["train", "--max-iter", "0"], "max_iter"), (["train", "--hidden", "0"], "hidden"),
     (["train", "--steps", "0"], "max_steps"), (["train", "--seeds", "0"], "--seeds"),
     (["train", "--out", "FILE"], "not a folder"), (["train", "--latency-batches", "none", "8"], "cannot be mixed"),
