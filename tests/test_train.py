@@ -67,15 +67,16 @@ def test_default_knob_is_calibrated_on_val(trained, digits):
     """The default knob: the smallest grid lambda within knob_flops of static's val FLOPs (the
     grid's previous lambda is over the share); a fixed knob; the accuracy mode.  Each records how
     in ``calibration``, and the model is left in train mode as the trainer expects."""
-    from dynalay.train.trainer import KNOB_GRID
+    from dynalay.train.trainer import KNOB_GRID, knob_grid
 
     tr, model, _, _ = trained
     model.eval()
     _, st_flops = _val_run(model, digits)
     c = tr.calibration
     assert c["mode"] == "flops" and c["knob_flops"] == 0.45 and c["lam"] == model.default_lam
-    lo, hi = math.log(model.cfg.lam_min), math.log(model.cfg.lam_max)
-    grid = [round(math.exp(lo + (hi - lo) * i / (KNOB_GRID - 1)), 4) for i in range(KNOB_GRID)]
+    grid = knob_grid(model.cfg.lam_min, model.cfg.lam_max)
+    assert len(grid) == KNOB_GRID and grid[0] == model.cfg.lam_min and grid[-1] == model.cfg.lam_max
+    assert all(a < c for a, c in zip(grid, grid[1:]))
     acc, flops = _val_run(model, digits, c["lam"])
     assert (c["val_accuracy"], c["val_flops_ratio"]) == (acc, flops / st_flops)
     saved = (tr.cfg, tr.calibration, model.default_lam)
@@ -104,6 +105,9 @@ def test_default_knob_is_calibrated_on_val(trained, digits):
         tr.cfg, tr.calibration = saved[:2]
         model.default_lam = saved[2]
         model.eval()
+    tiny = knob_grid(1e-5, 2.0)  # a small lam_min keeps 3 significant digits (no 0.0, no repeats)
+    assert tiny[0] == 1e-5 and all(a < c for a, c in zip(tiny, tiny[1:]))
+    assert knob_grid(0.02, 2.0)[:4] == [0.02, 0.022, 0.0242, 0.0267]  # the default range: 4 decimals
     for bad in (0.0, 1.5, float("nan"), "0.4"):
         with pytest.raises(ValueError, match="knob_flops"):
             dataclasses.replace(saved[0], knob_flops=bad).validate()

@@ -72,6 +72,17 @@ AGENT_LR_DECAYS = ("linear", "none")
 KNOB_GRID = 49  # lambdas the default knob's calibration tries, log-spaced over [lam_min, lam_max]
 
 
+def knob_grid(lam_min: float, lam_max: float, n: int = KNOB_GRID) -> List[float]:
+    """The lambdas ``Trainer.calibrate`` tries: ``n`` log-spaced over [lam_min, lam_max], rounded
+    to 4 decimals (at least 3 significant digits below 0.01), so that a report prints them whole."""
+    lo, hi = math.log(lam_min), math.log(lam_max)
+    out = []
+    for i in range(n):
+        v = math.exp(lo + (hi - lo) * i / (n - 1))
+        out.append(round(v, max(4, 2 - math.floor(math.log10(v)))))
+    return out
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf: training stopped and nothing was saved for that state."""
 
@@ -699,8 +710,7 @@ class Trainer:
             return float((o.logits.argmax(1) == y).double().mean()), float(o.flops.double().mean())
 
         st_acc, st_flops = val()
-        lo, hi = math.log(m.cfg.lam_min), math.log(m.cfg.lam_max)
-        grid = [round(math.exp(lo + (hi - lo) * i / (KNOB_GRID - 1)), 4) for i in range(KNOB_GRID)]
+        grid = knob_grid(m.cfg.lam_min, m.cfg.lam_max)
         if c.knob is not None:
             mode, lam = "fixed", c.knob
         elif c.knob_flops is not None:
