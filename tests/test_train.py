@@ -105,6 +105,15 @@ def test_default_knob_is_calibrated_on_val(trained, digits):
         tr.cfg, tr.calibration = saved[:2]
         model.default_lam = saved[2]
         model.eval()
+    from dynalay.train import calibrate_knob
+
+    for kw, match in ((dict(knob=-1.0), "knob must"), (dict(knob_flops=0.0), "knob_flops"),
+                      (dict(knob_flops=None, knob_tolerance=-0.1), "knob_tolerance")):
+        with pytest.raises(ValueError, match=match):
+            calibrate_knob(model, digits.val.x, digits.val.y, **kw)
+    with pytest.raises(ValueError, match="N >= 1"):
+        calibrate_knob(model, digits.val.x, digits.val.y[:-1])
+    assert model.default_lam == saved[2]  # a refused call changes nothing
     tiny = knob_grid(1e-5, 2.0)  # a small lam_min keeps 3 significant digits (no 0.0, no repeats)
     assert tiny[0] == 1e-5 and all(a < c for a, c in zip(tiny, tiny[1:]))
     assert knob_grid(0.02, 2.0)[:4] == [0.02, 0.022, 0.0242, 0.0267]  # the default range: 4 decimals
@@ -358,6 +367,16 @@ def test_cli_train_then_eval_reproduces(tmp_path):
     assert [e["batch_size"] for e in rep2b["latency"]] == [32]
     assert rep2b["default_knob"] == [0.3] and rep2b["knob_calibration"] == [{"mode": "eval --knob", "lam": 0.3}]
     assert "dynalay (lambda 0.3)" in r2b.stdout
+    # re-calibrated to another compute share at evaluation, without retraining (on the run's val)
+    r2c = subprocess.run([sys.executable, "-m", "dynalay", "eval", "--checkpoint", str(out), "--out",
+                          str(tmp_path / "ev2"), "--no-timing", "--knob-flops", "0.05"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r2c.returncode == 0, r2c.stderr[-3000:]
+    rep2c = json.loads((tmp_path / "ev2" / "report.json").read_text())
+    cal2 = rep2c["knob_calibration"][0]
+    assert cal2["mode"] == "eval --knob-flops" and cal2["knob_flops"] == 0.05
+    assert rep2c["default_knob"] == [cal2["lam"]] and cal2["lam"] > cal["lam"]
+    assert rep2c["models"]["dynalay"]["flops_per_sample"] < rep["models"]["dynalay"]["flops_per_sample"]
     assert "by batch size" in r2b.stdout
     # refusing to overwrite, and a clear error for a corrupt checkpoint
     r3 = subprocess.run([sys.executable, "-m", "dynalay", "train", "--seeds", "1", "--out", str(out)] + TINY_FLAGS,
@@ -477,7 +496,8 @@ def test_tree_method_refuses_a_tree_too_large(digits):
     (["train", "--threads", "0"], "--threads"), (["eval", "--checkpoint", "x", "--threads", "-1"], "--threads"),
     (["eval", "--checkpoint", "x", "--knob", "nan"], "--knob"), (["train", "--knob", "nan"], "knob"),
     (["train", "--knob", "-1"], "knob"), (["train", "--knob-flops", "0"], "knob_flops"),
-    (["train", "--knob-flops", "1.5"], "knob_flops"), (["train", "--lr", "nan"], "lr must"), (["train", "--tol", "0"], "tol"),
+    (["train", "--knob-flops", "1.5"], "knob_flops"), (["eval", "--checkpoint", "x", "--knob-flops", "0"], "--knob-flops"),
+    (["eval", "--checkpoint", "x", "--knob", "0.1", "--knob-flops", "0.5"], "give one"), (["train", "--lr", "nan"], "lr must"), (["train", "--tol", "0"], "tol"),
     (["train", "--max-iter", "0"], "max_iter"), (["train", "--hidden", "0"], "hidden"),
     (["train", "--steps", "0"], "max_steps"), (["train", "--seeds", "0"], "--seeds"),
     (["train", "--out", "FILE"], "not a folder"), (["train", "--latency-batches", "none", "8"], "cannot be mixed"),

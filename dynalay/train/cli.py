@@ -86,6 +86,9 @@ def add_commands(sub) -> None:
                    help="where to write report.json, the plot and the table (default: an eval/ folder next to "
                         "the checkpoint)")
     e.add_argument("--knob", type=float, default=None, help="default lambda (default: the run's)")
+    e.add_argument("--knob-flops", type=float, default=None,
+                   help="re-calibrate the default lambda on each seed's val split to the most compute within "
+                        "this share of static's FLOPs (no retraining; not with --knob)")
     e.add_argument("--timing-repeats", type=int, default=None)
     e.add_argument("--latency-batches", type=_batch_size, nargs="*", default=None, metavar="B",
                    help="batch sizes of the wall-time sweep (default: the run's; 'none' or the flag alone: "
@@ -332,13 +335,20 @@ def load_trained(path: str):
 def cmd_eval(args) -> int:
     from . import report as R
     from .checkpoint import CheckpointError
-    from .trainer import set_threads
+    from .trainer import calibrate_knob, set_threads
 
     if args.threads is not None and args.threads < 1:
         print(f"dynalay eval: --threads must be >= 1 (got {args.threads})", file=sys.stderr)
         return 2
     if args.knob is not None and not (0 <= args.knob < float("inf")):
         print(f"dynalay eval: --knob must be a finite lambda >= 0 (got {args.knob})", file=sys.stderr)
+        return 2
+    if args.knob_flops is not None and not (0 < args.knob_flops <= 1):
+        print(f"dynalay eval: --knob-flops must be a share of static's FLOPs in (0, 1] (got {args.knob_flops})",
+              file=sys.stderr)
+        return 2
+    if args.knob is not None and args.knob_flops is not None:
+        print("dynalay eval: --knob and --knob-flops both set the default lambda: give one", file=sys.stderr)
         return 2
     set_threads(args.threads)
     paths = _checkpoints(args.checkpoint)
@@ -365,9 +375,13 @@ def cmd_eval(args) -> int:
         except ValueError as e:
             print(f"dynalay eval: bad configuration: {e}", file=sys.stderr)
             return 2
+        calibration = ck.get("calibration") if knob is None else dict(mode="eval --knob", lam=knob)
+        if args.knob_flops is not None:  # the run's val split (load_trained splits by the run's seed)
+            _, calibration = calibrate_knob(model, data.val.x, data.val.y, knob_flops=args.knob_flops)
+            calibration["mode"] = "eval --knob-flops"
         res = R.evaluate(model, mlp, data, cfg, default_knob=knob, timing=not args.no_timing)
         res["seed"] = cfg.seed
-        res["knob_calibration"] = ck.get("calibration") if knob is None else dict(mode="eval --knob", lam=knob)
+        res["knob_calibration"] = calibration
         results.append(res)
     rep = R.aggregate(results, meta=dict(command="dynalay " + " ".join(sys.argv[1:]),
                                          date=datetime.datetime.now().isoformat(timespec="seconds"),

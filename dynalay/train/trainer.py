@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,63 @@ def knob_grid(lam_min: float, lam_max: float, n: int = KNOB_GRID) -> List[float]
         v = math.exp(lo + (hi - lo) * i / (n - 1))
         out.append(round(v, max(4, 2 - math.floor(math.log10(v)))))
     return out
+
+
+@torch.no_grad()
+def calibrate_knob(model: DynaLay, x: Tensor, y: Tensor, knob: Optional[float] = None,
+                   knob_flops: Optional[float] = 0.45, knob_tolerance: float = 0.0) -> Tuple[float, dict]:
+    """Choose the default knob of a trained ``model`` on held-out data ``(x, y)`` (never the test
+    split), set ``model.default_lam`` to it, and return ``(lambda, record)``:
+
+    - ``knob`` a number: that lambda (``mode="fixed"``);
+    - else ``knob_flops`` (the training default 0.45): the smallest lambda of ``knob_grid`` whose
+      greedy FLOPs per sample on ``x`` are at most ``knob_flops`` x the static model's there: the
+      most compute (and so, the curve being monotone, the most accuracy) within that share;
+      ``lam_max`` when no lambda is that cheap (``mode="flops"``).  A fixed lambda does not fix
+      the compute share: the same lambda gave 0.42x to 0.64x of static's FLOPs over twelve
+      trainings (results.md, sessions 22-23);
+    - else: the largest lambda of the grid whose accuracy on ``(x, y)`` is within
+      ``knob_tolerance`` of static's there (``mode="accuracy"``).
+
+    ``record`` holds the mode, lambda and settings and the accuracy and FLOP share reached there.
+    The model is left in eval mode.  No retraining: this moves a trained model along its curve."""
+    if knob is not None and (not is_real(knob) or not (0 <= knob < math.inf)):
+        raise ValueError(f"knob must be None or a finite lambda >= 0 (got {knob!r})")
+    if knob_flops is not None and (not is_real(knob_flops) or not (0 < knob_flops <= 1)):
+        raise ValueError(f"knob_flops must be None or a share of static's FLOPs in (0, 1] (got {knob_flops!r})")
+    if not is_real(knob_tolerance) or not (0 <= knob_tolerance < math.inf):
+        raise ValueError(f"knob_tolerance must be a finite number >= 0 (got {knob_tolerance!r})")
+    if x.dim() != 2 or y.dim() != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"calibrate_knob needs x (N, D) and y (N,) with N >= 1 (got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)})")
+    m = model
+    m.eval()
+    W = m.inference_weight()
+
+    def score(lam=None):
+        o = m.run_static(x, W=W) if lam is None else m.run(x, lam=lam, W=W)
+        return float((o.logits.argmax(1) == y).double().mean()), float(o.flops.double().mean())
+
+    st_acc, st_flops = score()
+    grid = knob_grid(m.cfg.lam_min, m.cfg.lam_max)
+    if knob is not None:
+        mode, lam = "fixed", float(knob)
+    elif knob_flops is not None:
+        mode, lam = "flops", grid[-1]
+        for g in grid:  # lambda ascending: the first within the share
+            if score(g)[1] <= knob_flops * st_flops:
+                lam = g
+                break
+    else:
+        mode, lam = "accuracy", grid[0]
+        for g in grid:
+            if score(g)[0] >= st_acc - knob_tolerance:
+                lam = g
+    acc, flops = score(lam)
+    m.default_lam = lam
+    return lam, dict(mode=mode, lam=lam, knob_flops=knob_flops if mode == "flops" else None,
+                     knob_tolerance=knob_tolerance if mode == "accuracy" else None,
+                     val_accuracy=acc, val_flops_ratio=flops / st_flops, val_static_accuracy=st_acc)
 
 
 class TrainingDiverged(RuntimeError):
@@ -686,54 +743,20 @@ class Trainer:
         flops = torch.tensor([m.cost_table()[f"layer{i}"] for i in range(L)], dtype=torch.float64)
         return lat * (flops.mean() / lat.mean())
 
-    @torch.no_grad()
     def calibrate(self) -> float:
-        """Set the default knob ``model.default_lam`` at the end of training, from the held-out val
-        split only (no test data), and record how in ``self.calibration``:
-
-        - ``cfg.knob`` a number: that lambda;
-        - else ``cfg.knob_flops`` (default 0.45): the smallest lambda of a log grid over
-          [lam_min, lam_max] (``KNOB_GRID`` points) whose greedy val FLOPs per sample are at most
-          ``knob_flops`` x the static model's there: the most compute (and so, the curve being
-          monotone, the most accuracy) within that share; ``lam_max`` when no lambda is that cheap.
-          A fixed lambda does not fix the compute share: the same lambda gave 0.42x to 0.64x of
-          static's FLOPs over twelve trainings (results.md, sessions 22-23).
-        - else: the largest lambda of the grid whose val accuracy is within ``knob_tolerance`` of
-          static's there."""
-        m, c = self.model, self.cfg
-        m.eval()
-        x, y = self.data.val.x, self.data.val.y
-        W = m.inference_weight()
-
-        def val(lam=None):
-            o = m.run_static(x, W=W) if lam is None else m.run(x, lam=lam, W=W)
-            return float((o.logits.argmax(1) == y).double().mean()), float(o.flops.double().mean())
-
-        st_acc, st_flops = val()
-        grid = knob_grid(m.cfg.lam_min, m.cfg.lam_max)
-        if c.knob is not None:
-            mode, lam = "fixed", c.knob
-        elif c.knob_flops is not None:
-            mode, lam = "flops", grid[-1]
-            for g in grid:  # lambda ascending: the first within the share
-                if val(g)[1] <= c.knob_flops * st_flops:
-                    lam = g
-                    break
-        else:
-            mode, lam = "accuracy", grid[0]
-            for g in grid:
-                if val(g)[0] >= st_acc - c.knob_tolerance:
-                    lam = g
-        acc, flops = val(lam)
-        m.default_lam = lam
-        self.calibration = dict(mode=mode, lam=lam, knob_flops=c.knob_flops if mode == "flops" else None,
-                                knob_tolerance=c.knob_tolerance if mode == "accuracy" else None,
-                                val_accuracy=acc, val_flops_ratio=flops / st_flops, val_static_accuracy=st_acc)
-        if mode != "fixed":
-            self.log(f"calibrated default knob on val ({mode}): lambda = {lam:.4g}, {acc * 100:.1f}% at "
-                     f"{flops / st_flops:.2f}x static's FLOPs (static {st_acc * 100:.1f}%)")
-        m.train()
-        return m.default_lam
+        """Set the default knob ``model.default_lam`` at the end of training from the held-out val
+        split (``calibrate_knob`` with ``cfg.knob``, ``cfg.knob_flops``, ``cfg.knob_tolerance``)
+        and record how in ``self.calibration``.  Leaves the model in train mode."""
+        c = self.cfg
+        lam, self.calibration = calibrate_knob(self.model, self.data.val.x, self.data.val.y, knob=c.knob,
+                                               knob_flops=c.knob_flops, knob_tolerance=c.knob_tolerance)
+        cal = self.calibration
+        if cal["mode"] != "fixed":
+            self.log(f"calibrated default knob on val ({cal['mode']}): lambda = {lam:.4g}, "
+                     f"{cal['val_accuracy'] * 100:.1f}% at {cal['val_flops_ratio']:.2f}x static's FLOPs "
+                     f"(static {cal['val_static_accuracy'] * 100:.1f}%)")
+        self.model.train()
+        return lam
 
     # -------------------------------------------------------------- loop
     def fit(self, resume: bool = False):
