@@ -246,8 +246,6 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     check_tensor("h", h, 2)
     h, U, W, b = autocast_inputs(h.device, h, U, W, b)
     B, H = h.shape
-    if B == 0:
-        raise ValueError("h is an empty batch (B=0): dynamic_step needs at least one row")
     if H == 0:
         raise ValueError("h must have at least one feature (got H=0)")
     check_tensor("U", U, 3, dtype=h.dtype, device=h.device)
@@ -270,6 +268,8 @@ def dynamic_step(h: Tensor, actions: Tensor, U: Tensor, W: Tensor, b: Tensor, *,
     be = backends.select(h.device, h.dtype, (solver,), backend, "dynamic_step")
     b_solver = solve_args[10]
     b_be = be if b_solver == solver else backends.select(h.device, h.dtype, (b_solver,), backend, "dynamic_step")
+    if B == 0:  # nothing to solve: the torch backend gives the empty result and zero weight
+        be = b_be = "torch"  # gradients on any device (no kernel launch over an empty grid)
     op = dynamic_step_op if traced else _DynamicStepFn
     h_new, it, conv, res = op(h, actions, U, W, b, *solve_args, be, b_be)
     report("forward", conv, res, max_iter, data_check)
