@@ -414,7 +414,7 @@ def _pm(m, s, scale=1.0, fmt="{:.1f}"):
 
 
 def knob_label(rep: dict) -> str:
-    """The default knob(s) of a report: one lambda per seed ("0.0267/0.102/0.02"); a report
+    """The default knob(s) of a report: one lambda per seed ("0.0267/0.1022/0.02"); a report
     written before the per-seed calibration holds a single number."""
     k = rep.get("default_knob")
     ks = k if isinstance(k, list) else [k]
