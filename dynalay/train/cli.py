@@ -335,17 +335,15 @@ def load_trained(path: str):
 def cmd_eval(args) -> int:
     from . import report as R
     from .checkpoint import CheckpointError
-    from .trainer import calibrate_knob, set_threads
+    from .trainer import calibrate_knob, check_knob_settings, set_threads
 
     if args.threads is not None and args.threads < 1:
         print(f"dynalay eval: --threads must be >= 1 (got {args.threads})", file=sys.stderr)
         return 2
-    if args.knob is not None and not (0 <= args.knob < float("inf")):
-        print(f"dynalay eval: --knob must be a finite lambda >= 0 (got {args.knob})", file=sys.stderr)
-        return 2
-    if args.knob_flops is not None and not (0 < args.knob_flops <= 1):
-        print(f"dynalay eval: --knob-flops must be a share of static's FLOPs in (0, 1] (got {args.knob_flops})",
-              file=sys.stderr)
+    try:
+        check_knob_settings(args.knob, args.knob_flops)
+    except ValueError as e:
+        print(f"dynalay eval: bad --knob / --knob-flops: {e}", file=sys.stderr)
         return 2
     if args.knob is not None and args.knob_flops is not None:
         print("dynalay eval: --knob and --knob-flops both set the default lambda: give one", file=sys.stderr)

@@ -83,6 +83,17 @@ def knob_grid(lam_min: float, lam_max: float, n: int = KNOB_GRID) -> List[float]
     return out
 
 
+def check_knob_settings(knob: Optional[float], knob_flops: Optional[float], knob_tolerance: float = 0.0) -> None:
+    """The default knob's settings (``TrainConfig``, ``calibrate_knob``, ``dynalay eval``): a
+    ValueError naming the bad one."""
+    if knob is not None and (not is_real(knob) or not (0 <= knob < math.inf)):
+        raise ValueError(f"knob must be None or a finite lambda >= 0 (the default lambda; got {knob!r})")
+    if knob_flops is not None and (not is_real(knob_flops) or not (0 < knob_flops <= 1)):
+        raise ValueError(f"knob_flops must be None or a share of static's FLOPs in (0, 1] (got {knob_flops!r})")
+    if not is_real(knob_tolerance) or not (0 <= knob_tolerance < math.inf):
+        raise ValueError(f"knob_tolerance must be a finite number >= 0 (got {knob_tolerance!r})")
+
+
 @torch.no_grad()
 def calibrate_knob(model: DynaLay, x: Tensor, y: Tensor, knob: Optional[float] = None,
                    knob_flops: Optional[float] = 0.45, knob_tolerance: float = 0.0) -> Tuple[float, dict]:
@@ -101,12 +112,7 @@ def calibrate_knob(model: DynaLay, x: Tensor, y: Tensor, knob: Optional[float] =
 
     ``record`` holds the mode, lambda and settings and the accuracy and FLOP share reached there.
     The model is left in eval mode.  No retraining: this moves a trained model along its curve."""
-    if knob is not None and (not is_real(knob) or not (0 <= knob < math.inf)):
-        raise ValueError(f"knob must be None or a finite lambda >= 0 (got {knob!r})")
-    if knob_flops is not None and (not is_real(knob_flops) or not (0 < knob_flops <= 1)):
-        raise ValueError(f"knob_flops must be None or a share of static's FLOPs in (0, 1] (got {knob_flops!r})")
-    if not is_real(knob_tolerance) or not (0 <= knob_tolerance < math.inf):
-        raise ValueError(f"knob_tolerance must be a finite number >= 0 (got {knob_tolerance!r})")
+    check_knob_settings(knob, knob_flops, knob_tolerance)
     if x.dim() != 2 or y.dim() != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(f"calibrate_knob needs x (N, D) and y (N,) with N >= 1 (got {tuple(x.shape)} and "
                          f"{tuple(y.shape)})")
@@ -114,9 +120,13 @@ def calibrate_knob(model: DynaLay, x: Tensor, y: Tensor, knob: Optional[float] =
     m.eval()
     W = m.inference_weight()
 
-    def score(lam=None):
-        o = m.run_static(x, W=W) if lam is None else m.run(x, lam=lam, W=W)
-        return float((o.logits.argmax(1) == y).double().mean()), float(o.flops.double().mean())
+    scores: Dict[Optional[float], Tuple[float, float]] = {}
+
+    def score(lam=None):  # (accuracy, mean FLOPs) on (x, y); lam None: static; each lambda run once
+        if lam not in scores:
+            o = m.run_static(x, W=W) if lam is None else m.run(x, lam=lam, W=W)
+            scores[lam] = float((o.logits.argmax(1) == y).double().mean()), float(o.flops.double().mean())
+        return scores[lam]
 
     st_acc, st_flops = score()
     grid = knob_grid(m.cfg.lam_min, m.cfg.lam_max)
@@ -256,17 +266,13 @@ class TrainConfig:
             v = getattr(self, k)
             if not is_real(v) or not (0 < v < math.inf):
                 raise ValueError(f"{k} must be a finite number > 0 (got {v!r})")
-        for k in ("weight_decay", "entropy_beta", "value_coef", "ds_weight", "h0_weight", "knob_tolerance"):
+        for k in ("weight_decay", "entropy_beta", "value_coef", "ds_weight", "h0_weight"):
             v = getattr(self, k)
             if not is_real(v) or not (0 <= v < math.inf):
                 raise ValueError(f"{k} must be a finite number >= 0 (got {v!r})")
         if not (0 < self.val_fraction < 1):
             raise ValueError(f"val_fraction must be in (0, 1) (got {self.val_fraction!r})")
-        if self.knob is not None and (not is_real(self.knob) or not (0 <= self.knob < math.inf)):
-            raise ValueError(f"knob (the default lambda) must be None or a finite number >= 0 (got {self.knob!r})")
-        if self.knob_flops is not None and (not is_real(self.knob_flops) or not (0 < self.knob_flops <= 1)):
-            raise ValueError(f"knob_flops (the calibrated knob's share of static's FLOPs) must be None or a "
-                             f"number in (0, 1] (got {self.knob_flops!r})")
+        check_knob_settings(self.knob, self.knob_flops, self.knob_tolerance)
         if any(not is_real(v) or not (0 <= v < math.inf) for v in self.knobs):
             raise ValueError(f"knobs must be finite lambdas >= 0 (got {self.knobs!r})")
         if any(not is_real(v) or v != v for v in self.exit_thresholds):
